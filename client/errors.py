@@ -1,0 +1,27 @@
+"""What a site may say when it does not deliver: fixed, sanitised reasons only."""
+
+from __future__ import annotations
+
+from common.keys import (
+    ERROR_BUDGET_REFUSED,
+    ERROR_SITE_FAILED,
+    REASON_BUDGET_REFUSED,
+    REASON_SITE_FAILED,
+)
+
+
+class SiteRefusal(RuntimeError):
+    """The site declines this round; `code` and `reason` are safe to send."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def budget_refusal() -> SiteRefusal:
+    return SiteRefusal(ERROR_BUDGET_REFUSED, REASON_BUDGET_REFUSED)
+
+
+def site_failure() -> SiteRefusal:
+    return SiteRefusal(ERROR_SITE_FAILED, REASON_SITE_FAILED)

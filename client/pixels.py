@@ -1,0 +1,63 @@
+"""Turn stored DICOM pixel values into one convention: float32, 0..1, brighter = denser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_modality_lut
+
+
+class PixelError(ValueError):
+    """Pixel data that cannot be decoded or does not make sense."""
+
+
+def projection_image(path: Path) -> np.ndarray:
+    """Decode a 2D projection image (CR/DX) to float32 in [0, 1], brighter = denser.
+
+    Applies the Modality LUT (RescaleSlope/Intercept), normalises by the range
+    BitsStored allows, and inverts MONOCHROME1.
+    """
+    ds = pydicom.dcmread(path)
+    bits_stored = int(ds.get("BitsStored", 0))
+    bits_allocated = int(ds.get("BitsAllocated", 0))
+    if bits_allocated not in (8, 16, 32) or not 0 < bits_stored <= bits_allocated:
+        raise PixelError(
+            f"unsupported BitsAllocated/BitsStored {bits_allocated}/{bits_stored}"
+        )
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise PixelError(f"expected a grayscale image, got PhotometricInterpretation {photometric!r}")
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
+        raise PixelError(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
+    if stored.ndim != 2:
+        raise PixelError(f"expected one 2D frame, got array of shape {stored.shape}")
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        low_stored, high_stored = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
+    else:
+        low_stored, high_stored = 0, 2**bits_stored - 1
+    slope = float(ds.get("RescaleSlope", 1.0))
+    intercept = float(ds.get("RescaleIntercept", 0.0))
+    low, high = sorted((low_stored * slope + intercept, high_stored * slope + intercept))
+    out = (values - low) / (high - low)
+    if photometric == "MONOCHROME1":
+        out = 1.0 - out
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def seg_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Read a one-frame binary DICOM SEG as a uint8 mask; check it matches `shape`."""
+    ds = pydicom.dcmread(path)
+    try:
+        mask = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001
+        raise PixelError(f"SEG pixel data cannot be decoded ({type(exc).__name__})") from exc
+    if mask.ndim == 3:
+        mask = mask.max(axis=0)
+    if mask.shape != shape:
+        raise PixelError(f"SEG is {mask.shape[0]}x{mask.shape[1]}, image is {shape[0]}x{shape[1]}")
+    return (mask > 0).astype(np.uint8)

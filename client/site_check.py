@@ -1,0 +1,61 @@
+"""`fedrad site check`: what a site can train on, without sending anything anywhere."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from client.dicom_scan import scan_folder
+from client.pixels import PixelError, projection_image, seg_mask
+
+LABELS_FILE = "labels.csv"
+
+
+def _labels(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    with path.open(newline="") as handle:
+        return {row["sop_instance_uid"] for row in csv.DictReader(handle)
+                if row.get("sop_instance_uid")}
+
+
+def check_site(data: Path, labels_file: Path | None = None) -> dict[str, Any]:
+    """Scan and decode every image once; count what is usable and list what is not."""
+    scan = scan_folder(data)
+    images = {image.sop_instance_uid: image for image in scan.images}
+    decoded: dict[str, tuple[int, int]] = {}
+    for uid, image in images.items():
+        try:
+            decoded[uid] = projection_image(image.path).shape  # type: ignore[assignment]
+        except PixelError as exc:
+            scan.skip(image.path, str(exc))
+    masks = 0
+    for seg in scan.segs:
+        shape = decoded.get(seg.referenced_sop_uid)
+        if seg.referenced_sop_uid not in images:
+            scan.skip(seg.path, "SEG references an image that is not in the data folder")
+        elif shape is None:
+            scan.skip(seg.path, "SEG references an image that could not be decoded")
+        else:
+            try:
+                seg_mask(seg.path, shape)
+                masks += 1
+            except PixelError as exc:
+                scan.skip(seg.path, str(exc))
+    labelled = _labels(labels_file or data / LABELS_FILE)
+    usable = [images[uid] for uid in decoded]
+    return {
+        "images": len(usable),
+        "series": len({image.series_uid for image in usable}),
+        "studies": len({image.study_uid for image in usable}),
+        "patients": len({image.patient_key for image in usable}),
+        "modalities": dict(Counter(image.modality for image in usable)),
+        "transfer_syntaxes": dict(Counter(image.transfer_syntax for image in usable)),
+        "masks_matched": masks,
+        "labelled": len(labelled & set(decoded)),
+        "other_objects": dict(scan.other_objects),
+        "phi_fields_in_headers": scan.phi_fields,
+        "skipped": [{"file": s.file, "reason": s.reason} for s in scan.skipped],
+    }

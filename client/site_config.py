@@ -1,0 +1,75 @@
+"""The hospital's own settings, from the SuperNode's `--node-config`.
+
+These never come from the server: the data location, the site's name and the
+site's total privacy budget are the hospital's to set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError
+
+_ALLOWED = {
+    "site-id", "data-dir", "work-dir", "epsilon-budget", "labels-file", "device", "threads"
+}
+_SITE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Parsed node config of one hospital site."""
+
+    site_id: str
+    data_dir: Path
+    work_dir: Path
+    epsilon_budget: float
+    labels_file: Path | None
+    device: str
+    threads: int  # torch CPU threads; 0 = torch's default
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> SiteConfig:
+        """Parse and check the SuperNode's node_config."""
+        unknown = sorted(set(raw) - _ALLOWED)
+        if unknown:
+            raise ConfigError(
+                f"unknown node-config key(s) {unknown}; allowed: {sorted(_ALLOWED)}"
+            )
+        missing = sorted({"site-id", "data-dir", "work-dir", "epsilon-budget"} - set(raw))
+        if missing:
+            raise ConfigError(
+                f"node-config is missing {missing}; start the SuperNode with e.g. "
+                "--node-config 'site-id=\"hospital-a\" data-dir=\"/dicom\" "
+                "work-dir=\"/var/lib/fedrad\" epsilon-budget=10.0'"
+            )
+        site_id = str(raw["site-id"])
+        if not site_id or not set(site_id) <= _SITE_ID_CHARS or len(site_id) > 64:
+            raise ConfigError(
+                f"site-id must be 1-64 characters of a-z, 0-9, '-' or '_', got {site_id!r}"
+            )
+        budget = raw["epsilon-budget"]
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0:
+            raise ConfigError(f"epsilon-budget must be a number > 0, got {budget!r}")
+        device = str(raw.get("device", "auto"))
+        if device not in {"auto", "cpu", "cuda"}:
+            raise ConfigError(f"device must be one of auto, cpu, cuda; got {device!r}")
+        data_dir = Path(str(raw["data-dir"])).expanduser()
+        if not data_dir.is_dir():
+            raise ConfigError(f"data-dir {data_dir} is not a folder; point it at the DICOM export")
+        threads = raw.get("threads", 0)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ConfigError(f"threads must be an integer >= 0, got {threads!r}")
+        labels = raw.get("labels-file")
+        return cls(
+            site_id=site_id,
+            data_dir=data_dir,
+            work_dir=Path(str(raw["work-dir"])).expanduser(),
+            epsilon_budget=float(budget),
+            labels_file=Path(str(labels)) if labels else None,
+            device=device,
+            threads=threads,
+        )

@@ -1,0 +1,166 @@
+"""One round at a site: load data, check the privacy budget, train, reply with the update.
+
+Called from `client.app` (the ClientApp); holds all the heavy imports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client import site_logging
+from client.dataset import SiteDataset, load_site_dataset
+from client.errors import budget_refusal
+from client.ledger import BudgetExceeded, PrivacyLedger, Session, epsilon_of
+from client.site_config import SiteConfig
+from client.training import (
+    SegmentationAlgo,
+    default_delta,
+    dp_sampling,
+    pick_device,
+    plan_noise_multiplier,
+)
+from common import keys
+from common.config import RunConfig
+from common.phi import PHIGuard
+from common.secagg import check_range, is_legacy_train, pack_legacy_reply, unpack_legacy_train
+from common.weights import check_finite, global_norm, subtract
+
+LOG = logging.getLogger("fedrad.client")
+LEDGER_FILE = "privacy-ledger.json"
+
+
+@dataclass(frozen=True)
+class _Setup:
+    site: SiteConfig
+    config: RunConfig
+    dataset: SiteDataset
+    algo: SegmentationAlgo
+    guard: PHIGuard
+    load_seconds: float
+
+
+def _setup(context: Context) -> _Setup:
+    start = time.perf_counter()
+    site = SiteConfig.from_mapping(context.node_config)
+    site_logging.configure(site.work_dir)
+    if site.threads:
+        torch.set_num_threads(site.threads)
+    config = RunConfig.from_mapping(context.run_config)
+    dataset = load_site_dataset(site.data_dir, site.work_dir, config.image_size)
+    algo = SegmentationAlgo(config, dataset, pick_device(site.device))
+    return _Setup(
+        site=site,
+        config=config,
+        dataset=dataset,
+        algo=algo,
+        guard=PHIGuard(dataset.phi_values),
+        load_seconds=time.perf_counter() - start,
+    )
+
+
+def _server_round(config_values: Any) -> int:
+    value = config_values[keys.SERVER_ROUND]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{keys.SERVER_ROUND} must be a positive integer")
+    return value
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train locally with DP-SGD and reply with (local - global) and metrics."""
+    legacy = is_legacy_train(msg)
+    if legacy:
+        global_arrays, fit_config = unpack_legacy_train(msg)
+        server_round = _server_round(fit_config)
+    else:
+        global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
+        server_round = _server_round(msg.content.config_records[keys.ROUND])
+    setup = _setup(context)
+    config, site, algo = setup.config, setup.site, setup.algo
+    check_finite(global_arrays)
+    algo.set_weights(global_arrays)
+
+    metrics: dict[str, float] = {}
+    noise: float | None = None
+    ledger: PrivacyLedger | None = None
+    if config.dp.enabled:
+        delta = config.dp.delta or default_delta(algo.num_train)
+        ledger = PrivacyLedger(site.work_dir / LEDGER_FILE, setup.dataset.content_hash,
+                               budget=site.epsilon_budget, delta=delta)
+        noise = ledger.run_noise_multiplier(context.run_id) or plan_noise_multiplier(
+            config, num_train=algo.num_train, delta=ledger.delta
+        )
+        sample_rate, per_epoch = dp_sampling(algo.num_train, config.batch_size)
+        planned_steps = config.local_epochs * per_epoch
+        try:
+            ledger.check(Session(context.run_id, server_round, noise, sample_rate, planned_steps))
+        except BudgetExceeded as exc:
+            LOG.warning("round %d refused: %s", server_round, exc)
+            raise budget_refusal() from exc
+    else:
+        LOG.warning("round %d: differential privacy is OFF for this run (dp-enabled=false)",
+                    server_round)
+
+    result = algo.train(server_round=server_round, noise_multiplier=noise)
+    if ledger is not None and noise is not None:
+        spent = ledger.record(
+            Session(context.run_id, server_round, noise, result.sample_rate, result.steps)
+        )
+        run_sessions = [s for s in ledger.sessions if s.run_id == context.run_id]
+        metrics.update({
+            keys.EPSILON_TOTAL: spent,
+            keys.EPSILON_ROUND: epsilon_of(run_sessions, ledger.delta),
+            keys.EPSILON_BUDGET: site.epsilon_budget,
+            keys.DELTA: ledger.delta,
+            keys.NOISE_MULTIPLIER: noise,
+        })
+    update = subtract(algo.get_weights(), global_arrays)
+    check_finite(update)
+    metrics.update({
+        keys.NUM_EXAMPLES: float(result.num_examples),
+        keys.TRAIN_LOSS: result.loss,
+        keys.TRAIN_SECONDS: result.seconds,
+        keys.LOAD_SECONDS: setup.load_seconds,
+        keys.UPDATE_NORM: global_norm(update),
+    })
+    LOG.info("round %d trained: %d examples, %d steps, %.1fs", server_round,
+             result.num_examples, result.steps, result.seconds)
+    content = RecordDict({
+        keys.UPDATE: ArrayRecord([np.asarray(a, dtype=np.float32) for a in update]),
+        keys.METRICS: MetricRecord(metrics),
+        keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id, keys.STATUS: keys.STATUS_OK}),
+    })
+    setup.guard.check_record_dict(content)
+    if legacy:
+        check_range(update, result.num_examples, config.secagg)
+        return pack_legacy_reply(msg, update, result.num_examples,
+                                 {**metrics, keys.SITE_ID: site.site_id})
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global weights on the held-out patients."""
+    global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
+    _server_round(msg.content.config_records[keys.ROUND])
+    setup = _setup(context)
+    check_finite(global_arrays)
+    setup.algo.set_weights(global_arrays)
+    result = setup.algo.evaluate()
+    content = RecordDict({
+        keys.METRICS: MetricRecord({
+            keys.EVAL_LOSS: result.loss,
+            keys.EVAL_DICE: result.dice,
+            keys.NUM_EXAMPLES: float(result.num_examples),
+            keys.EVAL_SECONDS: result.seconds,
+            keys.LOAD_SECONDS: setup.load_seconds,
+        }),
+        keys.SITE: ConfigRecord({keys.SITE_ID: setup.site.site_id, keys.STATUS: keys.STATUS_OK}),
+    })
+    setup.guard.check_record_dict(content)
+    return Message(content, reply_to=msg)

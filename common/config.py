@@ -1,0 +1,259 @@
+"""Typed run configuration, parsed once at the edge.
+
+Run-wide settings arrive as Flower's flat `run_config` mapping (from
+`[tool.flwr.app.config]` in pyproject.toml, overridden by `configs/*.toml`).
+`RunConfig.from_mapping` is the only place that reads them: an unknown key or a
+bad value raises `ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or has a bad value."""
+
+
+class Task(str, enum.Enum):
+    """What a run trains."""
+
+    LUNG_SEG = "lung-seg"
+
+
+class Optimizer(str, enum.Enum):
+    """Local optimiser."""
+
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Differential privacy (Opacus DP-SGD) settings of a run."""
+
+    enabled: bool
+    target_epsilon: float
+    delta: float | None  # None: chosen per site below 1/N
+    max_grad_norm: float
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if not self.target_epsilon > 0:
+            raise ConfigError(f"dp-target-epsilon must be > 0, got {self.target_epsilon}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"dp-delta must be in (0, 1) or 'auto', got {self.delta}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"dp-max-grad-norm must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """SecAgg+ settings of a run."""
+
+    enabled: bool
+    min_sites: int
+    allow_fewer_sites: bool
+    clipping_range: float
+    quantization_range: int
+    max_weight: float
+
+    def __post_init__(self) -> None:
+        if self.min_sites < 2:
+            raise ConfigError(f"secagg-min-sites must be >= 2, got {self.min_sites}")
+        if not self.clipping_range > 0:
+            raise ConfigError(f"secagg-clipping-range must be > 0, got {self.clipping_range}")
+        if not 0 < self.quantization_range < 2**32:
+            raise ConfigError("secagg-quantization-range must be in (0, 2**32)")
+        if not self.max_weight > 0:
+            raise ConfigError(f"secagg-max-weight must be > 0, got {self.max_weight}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, on both sides."""
+
+    task: Task
+    num_rounds: int
+    min_sites: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: Optimizer
+    image_size: int
+    val_fraction: float
+    seed: int
+    round_timeout: float
+    dp: DPConfig
+    secagg: SecAggConfig
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's flat run_config; every key must be known."""
+        unknown = sorted(set(raw) - set(_DEFAULTS))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {unknown}; allowed keys: {sorted(_DEFAULTS)}"
+            )
+        values = {**_DEFAULTS, **raw}
+        get = _Getter(values)
+        delta_raw = values["dp-delta"]
+        delta = None if delta_raw == "auto" else get.number("dp-delta")
+        config = cls(
+            task=get.choice("task", Task),
+            num_rounds=get.integer("num-rounds", minimum=1),
+            min_sites=get.integer("min-sites", minimum=1),
+            local_epochs=get.integer("local-epochs", minimum=1),
+            batch_size=get.integer("batch-size", minimum=1),
+            learning_rate=get.positive("learning-rate"),
+            optimizer=get.choice("optimizer", Optimizer),
+            image_size=get.integer("image-size", minimum=16),
+            val_fraction=get.number("val-fraction"),
+            seed=get.integer("seed", minimum=0),
+            round_timeout=get.positive("round-timeout"),
+            dp=DPConfig(
+                enabled=get.boolean("dp-enabled"),
+                target_epsilon=get.number("dp-target-epsilon"),
+                delta=delta,
+                max_grad_norm=get.number("dp-max-grad-norm"),
+            ),
+            secagg=SecAggConfig(
+                enabled=get.boolean("secagg-enabled"),
+                min_sites=get.integer("secagg-min-sites", minimum=0),
+                allow_fewer_sites=get.boolean("secagg-allow-fewer-sites"),
+                clipping_range=get.number("secagg-clipping-range"),
+                quantization_range=get.integer("secagg-quantization-range", minimum=1),
+                max_weight=get.number("secagg-max-weight"),
+            ),
+        )
+        if not 0 < config.val_fraction < 1:
+            raise ConfigError(f"val-fraction must be in (0, 1), got {config.val_fraction}")
+        if config.image_size % 8:
+            raise ConfigError(f"image-size must be a multiple of 8, got {config.image_size}")
+        if config.secagg.enabled and config.min_sites < config.secagg.min_sites:
+            if not config.secagg.allow_fewer_sites:
+                raise ConfigError(
+                    f"SecAgg+ with min-sites={config.min_sites} protects nothing: with fewer "
+                    f"than {config.secagg.min_sites} sites a site can infer another's update. "
+                    "Raise min-sites, or set secagg-allow-fewer-sites=true to accept this."
+                )
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The flat form (for the run folder and `--run-config`)."""
+        out: dict[str, Any] = {}
+        for key, attr in _FLAT.items():
+            value: Any = self
+            for part in attr:
+                value = getattr(value, part)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            out[key] = "auto" if value is None else value
+        return out
+
+
+# Flat key -> attribute path. Adding a setting means adding it here and above.
+_FLAT: dict[str, tuple[str, ...]] = {
+    "task": ("task",),
+    "num-rounds": ("num_rounds",),
+    "min-sites": ("min_sites",),
+    "local-epochs": ("local_epochs",),
+    "batch-size": ("batch_size",),
+    "learning-rate": ("learning_rate",),
+    "optimizer": ("optimizer",),
+    "image-size": ("image_size",),
+    "val-fraction": ("val_fraction",),
+    "seed": ("seed",),
+    "round-timeout": ("round_timeout",),
+    "dp-enabled": ("dp", "enabled"),
+    "dp-target-epsilon": ("dp", "target_epsilon"),
+    "dp-delta": ("dp", "delta"),
+    "dp-max-grad-norm": ("dp", "max_grad_norm"),
+    "secagg-enabled": ("secagg", "enabled"),
+    "secagg-min-sites": ("secagg", "min_sites"),
+    "secagg-allow-fewer-sites": ("secagg", "allow_fewer_sites"),
+    "secagg-clipping-range": ("secagg", "clipping_range"),
+    "secagg-quantization-range": ("secagg", "quantization_range"),
+    "secagg-max-weight": ("secagg", "max_weight"),
+}
+
+_DEFAULTS: dict[str, Any] = {
+    "task": "lung-seg",
+    "num-rounds": 3,
+    "min-sites": 3,
+    "local-epochs": 1,
+    "batch-size": 8,
+    "learning-rate": 0.003,
+    "optimizer": "adam",
+    "image-size": 64,
+    "val-fraction": 0.25,
+    "seed": 42,
+    "round-timeout": 900.0,
+    "dp-enabled": True,
+    "dp-target-epsilon": 8.0,
+    "dp-delta": "auto",
+    "dp-max-grad-norm": 1.0,
+    "secagg-enabled": True,
+    "secagg-min-sites": 3,
+    "secagg-allow-fewer-sites": False,
+    "secagg-clipping-range": 8.0,
+    "secagg-quantization-range": 2**22,
+    "secagg-max-weight": 1000.0,
+}
+
+if set(_FLAT) != set(_DEFAULTS) or {f.name for f in fields(RunConfig)} != {
+    path[0] for path in _FLAT.values()
+}:
+    raise RuntimeError("common.config: _FLAT, _DEFAULTS and RunConfig disagree")
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults, flat (what pyproject.toml's [tool.flwr.app.config] holds)."""
+    return dict(_DEFAULTS)
+
+
+class _Getter:
+    """Typed reads of one flat mapping, with errors that name the key."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = values
+
+    def _raw(self, key: str) -> Any:
+        return self._values[key]
+
+    def boolean(self, key: str) -> bool:
+        value = self._raw(key)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+
+    def integer(self, key: str, *, minimum: int) -> int:
+        value = self._raw(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self._raw(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+
+    def positive(self, key: str) -> float:
+        value = self.number(key)
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+        return value
+
+    def choice(self, key: str, kind: type[enum.Enum]) -> Any:
+        value = self._raw(key)
+        allowed = [member.value for member in kind]
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+        return kind(value)

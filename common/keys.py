@@ -1,0 +1,60 @@
+"""Names of the records and fields that travel between server and sites.
+
+Defined once here; neither side spells them out itself.
+"""
+
+from __future__ import annotations
+
+# Record names in a Message's RecordDict.
+WEIGHTS = "fedrad.weights"  # ArrayRecord: the global model (server -> site)
+UPDATE = "fedrad.update"  # ArrayRecord: local - global (site -> server)
+ROUND = "fedrad.round"  # ConfigRecord: {"server-round": int}
+METRICS = "fedrad.metrics"  # MetricRecord: numbers only
+SITE = "fedrad.site"  # ConfigRecord: {"site-id": str, "status": str}
+
+SERVER_ROUND = "server-round"
+SITE_ID = "site-id"
+STATUS = "status"
+
+# Site status values (ConfigRecord SITE / STATUS).
+STATUS_OK = "ok"
+STATUS_REFUSED_BUDGET = "refused-privacy-budget"
+
+# Metric names a site may send (anything else is refused by the PHI guard).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+LOAD_SECONDS = "load-seconds"
+EPSILON_ROUND = "epsilon-run"
+EPSILON_TOTAL = "epsilon-total"
+EPSILON_BUDGET = "epsilon-budget"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+EVAL_LOSS = "eval-loss"
+EVAL_DICE = "eval-dice"
+EVAL_SECONDS = "eval-seconds"
+UPDATE_NORM = "update-norm"
+
+ALLOWED_METRICS = frozenset(
+    {
+        NUM_EXAMPLES,
+        TRAIN_LOSS,
+        TRAIN_SECONDS,
+        LOAD_SECONDS,
+        EPSILON_ROUND,
+        EPSILON_TOTAL,
+        EPSILON_BUDGET,
+        DELTA,
+        NOISE_MULTIPLIER,
+        EVAL_LOSS,
+        EVAL_DICE,
+        EVAL_SECONDS,
+        UPDATE_NORM,
+    }
+)
+
+# Error codes of fedrad's sanitised error replies (Flower's own codes are < 100).
+ERROR_SITE_FAILED = 1001
+ERROR_BUDGET_REFUSED = 1002
+REASON_SITE_FAILED = "fedrad site: the round failed at this site; details are in the site's log"
+REASON_BUDGET_REFUSED = "fedrad site: refused to train, its privacy budget would be exceeded"

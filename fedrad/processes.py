@@ -1,0 +1,175 @@
+"""Start and stop the real Flower processes of a deployment on this host.
+
+Every process is started in its own session and tracked by a `ProcessGroup`;
+leaving the group (normally, on an exception or on Ctrl-C) terminates them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+BIN = Path(sys.executable).parent
+
+
+class DeploymentError(RuntimeError):
+    """A process of the deployment did not start or a CLI call failed."""
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None,
+                  log: Path | None = None) -> None:
+    """Wait until 127.0.0.1:port accepts connections (or the process dies)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise DeploymentError(f"process exited with {process.returncode}:\n{tail}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DeploymentError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+@dataclass
+class ProcessGroup:
+    """Processes started for one deployment; `stop_all` ends every one of them."""
+
+    processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    def start(self, name: str, command: list[str], *, log: Path, cwd: Path,
+              env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cwd.mkdir(parents=True, exist_ok=True)
+        handle = log.open("ab")
+        self._logs.append(handle)
+        process = subprocess.Popen(
+            command, cwd=cwd, env={**os.environ, **env}, stdout=handle,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        self.processes.append((name, process))
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+        """Terminate one process and everything in its session."""
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # children (flwr-*app) too
+        except (ProcessLookupError, PermissionError):
+            pass
+        process.wait(timeout=grace)
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self.processes):
+            self.stop(process)
+        for handle in self._logs:
+            handle.close()
+        self.processes.clear()
+        self._logs.clear()
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def write_cli_config(flwr_home: Path, *, name: str, address: str, ca_cert: Path) -> None:
+    """The `flwr` CLI's connection to our SuperLink (TLS, verified with the consortium CA)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
+        f'address = "{address}"\nroot-certificates = "{ca_cert.resolve()}"\n'
+    )
+
+
+def flwr_cli(flwr_home: Path, *args: str, timeout: float = 120.0) -> str:
+    """Run the `flwr` CLI against the configured SuperLink; return stdout."""
+    result = subprocess.run(
+        [str(BIN / "flwr"), *args], env={**os.environ, "FLWR_HOME": str(flwr_home)},
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    if result.returncode != 0:
+        raise DeploymentError(f"flwr {' '.join(args)} failed: {result.stdout}{result.stderr}")
+    return result.stdout
+
+
+def flwr_json(flwr_home: Path, *args: str) -> dict[str, Any]:
+    """A `flwr ... --format json` call; its `success` must be true."""
+    out = flwr_cli(flwr_home, *args, "--format", "json")
+    data = json.loads(out[out.index("{"):])
+    if not data.get("success", False):
+        raise DeploymentError(f"flwr {' '.join(args)}: {data}")
+    return dict(data)
+
+
+def run_status(flwr_home: Path, run_id: str) -> str:
+    """Flower's status of a run, e.g. 'running' or 'finished:completed'.
+
+    `flwr run` exits 0 even when a run fails, so success is decided here.
+    """
+    data = flwr_json(flwr_home, "ls", "--run-id", run_id)
+    return str(data["runs"][0]["status"])
+
+
+def superlink_command(*, port: int, ca_cert: Path, cert: Path, key: Path,
+                      database: Path) -> list[str]:
+    return [
+        str(BIN / "flower-superlink"),
+        "--ssl-ca-certfile", str(ca_cert), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+        "--enable-supernode-auth", "--database", str(database),
+        "--disable-runtime-dependency-installation",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]
+
+
+def node_config_arg(values: dict[str, Any]) -> str:
+    """Flower's `--node-config` syntax: space separated key=value, strings quoted."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, str):
+            if '"' in value or " " in value:
+                raise DeploymentError(f"node-config {key}: spaces and quotes are not supported")
+            parts.append(f'{key}="{value}"')
+        elif isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def supernode_command(*, superlink: str, ca_cert: Path, auth_key: Path, port: int,
+                      node_config: dict[str, Any]) -> list[str]:
+    return [
+        str(BIN / "flower-supernode"),
+        "--root-certificates", str(ca_cert), "--superlink", superlink,
+        "--auth-supernode-private-key", str(auth_key),
+        "--node-config", node_config_arg(node_config),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-retries", "20", "--max-wait-time", "120",
+    ]

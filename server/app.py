@@ -1,0 +1,130 @@
+"""fedrad's ServerApp (Flower Message API): rounds, aggregation, run folder, report."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from common.models import build_model
+from common.weights import add, check_finite, from_arrays, global_norm, plain_state_dict, to_arrays
+from server.registry import RoundRecord, RunFolder, SiteRound, server_home
+from server.report import write_report
+from server.rounds import Replies, evaluate_round, train_round
+
+LOG = logging.getLogger("fedrad.server")
+app = ServerApp()
+
+
+class RunAborted(RuntimeError):
+    """The run cannot go on (too few sites, no aggregate)."""
+
+
+def _configure_logging() -> None:
+    if not LOG.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("fedrad.server %(levelname)s: %(message)s"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
+        LOG.propagate = False
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """Node ids once at least `wanted` sites are connected; raise after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RunAborted(f"only {len(nodes)} of {wanted} sites connected after {timeout:.0f}s")
+        time.sleep(1.0)
+
+
+def _site_rounds(train: Replies, evaluation: Replies, names: dict[int, str]) -> dict[str, SiteRound]:
+    sites: dict[str, SiteRound] = {}
+    for node in sorted(set(train.statuses) | set(evaluation.statuses)):
+        site_id = names.get(node, f"node-{node}")
+        sites[site_id] = SiteRound(
+            site_id=site_id,
+            status=train.statuses.get(node, "not-asked"),
+            train=train.metrics.get(node, {}),
+            evaluation=evaluation.metrics.get(node, {}),
+        )
+    return sites
+
+
+def _pooled_dice(evaluation: Replies) -> float:
+    pairs = [(m["eval-dice"], m["num-examples"]) for m in evaluation.metrics.values()
+             if "eval-dice" in m]
+    total = sum(n for _, n in pairs)
+    return sum(d * n for d, n in pairs) / total if total else float("nan")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run `num-rounds` rounds of DP training with SecAgg+ and per-site evaluation."""
+    _configure_logging()
+    config = RunConfig.from_mapping(context.run_config)
+    run = RunFolder.create(server_home(), context.run_id, config.to_mapping())
+    LOG.info(
+        "run %s: task=%s rounds=%d min-sites=%d dp=%s secagg=%s folder=%s",
+        context.run_id, config.task.value, config.num_rounds, config.min_sites,
+        config.dp.enabled, config.secagg.enabled, run.root,
+    )
+    if not config.secagg.enabled:
+        LOG.warning("SecAgg+ is OFF: the server sees each site's individual update")
+    if not config.dp.enabled:
+        LOG.warning("differential privacy is OFF for this run")
+    template = plain_state_dict(build_model(config))
+    global_arrays = to_arrays(template)
+    names: dict[int, str] = {}
+    try:
+        wait_for_nodes(grid, config.min_sites, config.round_timeout)
+        for server_round in range(1, config.num_rounds + 1):
+            start = time.perf_counter()
+            node_ids = wait_for_nodes(grid, config.min_sites, config.round_timeout)
+            train = train_round(grid, context, config, server_round=server_round,
+                                global_arrays=global_arrays, node_ids=node_ids)
+            names.update(train.site_ids)
+            if train.update is None:
+                raise RunAborted(f"round {server_round}: no aggregate (sites: {train.statuses})")
+            check_finite(train.update)
+            global_arrays = add(global_arrays, train.update)
+            evaluation = evaluate_round(grid, config, server_round=server_round,
+                                        global_arrays=global_arrays, node_ids=node_ids)
+            names.update(evaluation.site_ids)
+            wall = time.perf_counter() - start
+            slowest = max(
+                (m.get("load-seconds", 0.0) + m.get("train-seconds", 0.0)
+                 for m in train.metrics.values()),
+                default=0.0,
+            )
+            record = RoundRecord(
+                server_round=server_round,
+                wall_seconds=wall,
+                slowest_site_seconds=slowest,
+                sites_expected=len(node_ids),
+                sites_trained=len(train.metrics),
+                secagg=config.secagg.enabled,
+                update_norm=global_norm(train.update),
+                pooled_dice=_pooled_dice(evaluation),
+                sites=_site_rounds(train, evaluation, names),
+                failures=sorted(s for s in train.statuses.values() if s != "ok"),
+            )
+            run.record_round(record)
+            run.save_checkpoint(server_round, from_arrays(template, global_arrays))
+            LOG.info("round %d/%d: %d/%d sites, pooled Dice %.3f, wall %.1fs, slowest site %.1fs",
+                     server_round, config.num_rounds, record.sites_trained, len(node_ids),
+                     record.pooled_dice, wall, slowest)
+        run.finish("completed")
+    except Exception:
+        run.finish("failed")
+        raise
+    finally:
+        report = write_report(run)
+        LOG.info("report: %s", report)

@@ -1,0 +1,139 @@
+"""The run folder: config, per-round metrics (JSON lines + TensorBoard), checkpoints, ε.
+
+Layout of `<server home>/runs/<run id>/`:
+  config.json        the run config used (flat)
+  metrics.jsonl      one JSON object per completed round (also the live progress feed)
+  epsilon.json       ε spent per site, latest
+  checkpoints/       round-NNN.pt global weights (plain PyTorch state dicts)
+  registry.json      checkpoint sha256 per round, run status
+  tensorboard/       event files
+  report.html        written when the run ends
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SERVER_HOME_ENV = "FEDRAD_SERVER_HOME"
+
+
+def server_home() -> Path:
+    """Where the server keeps runs: $FEDRAD_SERVER_HOME, else ./fedrad-server."""
+    return Path(os.environ.get(SERVER_HOME_ENV, "fedrad-server")).resolve()
+
+
+@dataclass
+class SiteRound:
+    """One site's part in one round (numbers and fixed status words only)."""
+
+    site_id: str
+    status: str
+    train: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    """A completed round, as written to metrics.jsonl."""
+
+    server_round: int
+    wall_seconds: float
+    slowest_site_seconds: float
+    sites_expected: int
+    sites_trained: int
+    secagg: bool
+    update_norm: float
+    pooled_dice: float
+    sites: dict[str, SiteRound]
+    failures: list[str]
+
+    @property
+    def overhead_seconds(self) -> float:
+        return self.wall_seconds - self.slowest_site_seconds
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """Everything the server keeps about one run."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.checkpoints = root / "checkpoints"
+        self.metrics_path = root / "metrics.jsonl"
+        self._writer: Any = None
+
+    @classmethod
+    def create(cls, home: Path, run_id: int, flat_config: dict[str, Any]) -> RunFolder:
+        folder = cls(home / "runs" / str(run_id))
+        folder.checkpoints.mkdir(parents=True, exist_ok=True)
+        _write_json(folder.root / "config.json", flat_config)
+        _write_json(folder.root / "registry.json",
+                    {"run_id": str(run_id), "status": "running", "checkpoints": {}})
+        folder.metrics_path.touch()
+        return folder
+
+    def _tensorboard(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.root / "tensorboard"))
+        return self._writer
+
+    def record_round(self, record: RoundRecord) -> None:
+        row = asdict(record)
+        row["overhead_seconds"] = record.overhead_seconds
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+        writer = self._tensorboard()
+        step = record.server_round
+        writer.add_scalar("round/wall_seconds", record.wall_seconds, step)
+        writer.add_scalar("round/overhead_seconds", record.overhead_seconds, step)
+        writer.add_scalar("global/pooled_dice", record.pooled_dice, step)
+        for site_id, site in record.sites.items():
+            for name, value in {**site.train, **site.evaluation}.items():
+                writer.add_scalar(f"{site_id}/{name}", value, step)
+        writer.flush()
+        epsilon = {
+            site_id: site.train["epsilon-total"]
+            for site_id, site in record.sites.items()
+            if "epsilon-total" in site.train
+        }
+        previous = self.read_json("epsilon.json") or {}
+        _write_json(self.root / "epsilon.json", {**previous, **epsilon})
+
+    def save_checkpoint(self, server_round: int, state: OrderedDict[str, torch.Tensor]) -> str:
+        path = self.checkpoints / f"round-{server_round:03d}.pt"
+        torch.save(state, path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        registry = self.read_json("registry.json")
+        registry["checkpoints"][str(server_round)] = {"file": path.name, "sha256": digest}
+        _write_json(self.root / "registry.json", registry)
+        return digest
+
+    def finish(self, status: str) -> None:
+        registry = self.read_json("registry.json")
+        registry["status"] = status
+        _write_json(self.root / "registry.json", registry)
+        if self._writer is not None:
+            self._writer.close()
+
+    def read_json(self, name: str) -> Any:
+        path = self.root / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def rounds(self) -> list[dict[str, Any]]:
+        text = self.metrics_path.read_text() if self.metrics_path.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]

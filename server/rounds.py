@@ -1,0 +1,113 @@
+"""The message exchanges of one round: training (SecAgg+ or plain) and evaluation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import keys
+from common.config import RunConfig
+from common.secagg import run_secagg_round
+
+LOG = logging.getLogger("fedrad.server")
+_KNOWN_ERRORS = {
+    keys.ERROR_BUDGET_REFUSED: keys.STATUS_REFUSED_BUDGET,
+    keys.ERROR_SITE_FAILED: "failed",
+}
+
+
+@dataclass
+class Replies:
+    """Per-node numbers and status of one exchange."""
+
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    site_ids: dict[int, str] = field(default_factory=dict)
+    statuses: dict[int, str] = field(default_factory=dict)
+    update: list[np.ndarray] | None = None
+
+
+def _status_of_error(code: int) -> str:
+    """A fixed word for an error reply; the reason text itself is never stored."""
+    return _KNOWN_ERRORS.get(code, f"error-{code}")
+
+
+def _request(global_arrays: list[np.ndarray], server_round: int) -> RecordDict:
+    return RecordDict({
+        keys.WEIGHTS: ArrayRecord([np.asarray(a, dtype=np.float32) for a in global_arrays]),
+        keys.ROUND: ConfigRecord({keys.SERVER_ROUND: server_round}),
+    })
+
+
+def _numbers(values: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if k in keys.ALLOWED_METRICS}
+
+
+def _collect(replies: list[Message], out: Replies) -> None:
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            out.statuses[node] = _status_of_error(reply.error.code)
+            continue
+        out.metrics[node] = _numbers(reply.content.metric_records[keys.METRICS])
+        out.site_ids[node] = str(reply.content.config_records[keys.SITE][keys.SITE_ID])
+        out.statuses[node] = keys.STATUS_OK
+
+
+def train_round(grid: Grid, context: Context, config: RunConfig, *, server_round: int,
+                global_arrays: list[np.ndarray], node_ids: list[int]) -> Replies:
+    """Ask every node to train; return the weighted mean update and per-site numbers."""
+    out = Replies()
+    if config.secagg.enabled:
+        outcome = run_secagg_round(
+            grid, context, server_round=server_round, global_arrays=global_arrays,
+            node_ids=node_ids, fit_config={keys.SERVER_ROUND: server_round},
+            settings=config.secagg, timeout=config.round_timeout,
+        )
+        for node, values in outcome.site_metrics.items():
+            out.metrics[node] = _numbers(values)
+            out.site_ids[node] = str(values.get(keys.SITE_ID, node))
+            out.statuses[node] = keys.STATUS_OK
+        for node in node_ids:
+            out.statuses.setdefault(node, "dropped")
+        out.update = outcome.aggregate
+        return out
+    messages = [
+        Message(_request(global_arrays, server_round), dst_node_id=node,
+                message_type=MessageType.TRAIN, group_id=str(server_round))
+        for node in node_ids
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    _collect(replies, out)
+    updates, weights = [], []
+    for reply in replies:
+        if not reply.has_error():
+            updates.append(reply.content.array_records[keys.UPDATE].to_numpy_ndarrays())
+            weights.append(out.metrics[reply.metadata.src_node_id][keys.NUM_EXAMPLES])
+    for node in node_ids:
+        out.statuses.setdefault(node, "no-reply")
+    if updates:
+        out.update = [
+            np.average(np.stack(layer), axis=0, weights=weights).astype(np.float32)
+            for layer in zip(*updates, strict=True)
+        ]
+    return out
+
+
+def evaluate_round(grid: Grid, config: RunConfig, *, server_round: int,
+                   global_arrays: list[np.ndarray], node_ids: list[int]) -> Replies:
+    """Evaluate the global model at every node on its held-out patients."""
+    messages = [
+        Message(_request(global_arrays, server_round), dst_node_id=node,
+                message_type=MessageType.EVALUATE, group_id=str(server_round))
+        for node in node_ids
+    ]
+    out = Replies()
+    _collect(list(grid.send_and_receive(messages, timeout=config.round_timeout)), out)
+    for node in node_ids:
+        out.statuses.setdefault(node, "no-reply")
+    return out
