@@ -65,9 +65,9 @@ def _decode(scan: ScanResult, image_size: int) -> tuple[list[np.ndarray], list[n
                                                          list[str]]:
     segs_by_image = {seg.referenced_sop_uid: seg for seg in scan.segs}
     image_uids = {image.sop_instance_uid for image in scan.images}
-    for seg in scan.segs:
-        if seg.referenced_sop_uid not in image_uids:
-            scan.skip(seg.path, "SEG references an image that is not in the data folder")
+    for orphan in scan.segs:
+        if orphan.referenced_sop_uid not in image_uids:
+            scan.skip(orphan.path, "SEG references an image that is not in the data folder")
     images, masks, patients = [], [], []
     for image in scan.images:
         seg = segs_by_image.get(image.sop_instance_uid)

@@ -13,13 +13,20 @@ class PixelError(ValueError):
     """Pixel data that cannot be decoded or does not make sense."""
 
 
+def _read(path: Path) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - truncated and corrupt files raise many types
+        raise PixelError(f"file cannot be read ({type(exc).__name__})") from exc
+
+
 def projection_image(path: Path) -> np.ndarray:
     """Decode a 2D projection image (CR/DX) to float32 in [0, 1], brighter = denser.
 
     Applies the Modality LUT (RescaleSlope/Intercept), normalises by the range
     BitsStored allows, and inverts MONOCHROME1.
     """
-    ds = pydicom.dcmread(path)
+    ds = _read(path)
     bits_stored = int(ds.get("BitsStored", 0))
     bits_allocated = int(ds.get("BitsAllocated", 0))
     if bits_allocated not in (8, 16, 32) or not 0 < bits_stored <= bits_allocated:
@@ -28,7 +35,9 @@ def projection_image(path: Path) -> np.ndarray:
         )
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise PixelError(f"expected a grayscale image, got PhotometricInterpretation {photometric!r}")
+        raise PixelError(
+            f"expected a grayscale image, got PhotometricInterpretation {photometric!r}"
+        )
     try:
         stored = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
@@ -51,7 +60,7 @@ def projection_image(path: Path) -> np.ndarray:
 
 def seg_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """Read a one-frame binary DICOM SEG as a uint8 mask; check it matches `shape`."""
-    ds = pydicom.dcmread(path)
+    ds = _read(path)
     try:
         mask = ds.pixel_array
     except Exception as exc:  # noqa: BLE001

@@ -86,7 +86,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     check_finite(global_arrays)
     algo.set_weights(global_arrays)
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, int | float | list[int] | list[float]] = {}
     noise: float | None = None
     ledger: PrivacyLedger | None = None
     if config.dp.enabled:

@@ -86,6 +86,22 @@ def default_delta(num_train: int) -> float:
     return min(1e-5, 0.1 / num_train)
 
 
+def _noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """DP-SGD step for an empty Poisson batch: zero per-sample gradients, noise added.
+
+    Skipping it would make the number of updates depend on the data and would
+    leave the accountant counting fewer steps than were sampled.
+    """
+    optimizer.zero_grad()
+    for param in model.parameters():
+        if param.requires_grad:
+            # Opacus reads per-sample gradients from this attribute.
+            param.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+                (0, *param.shape), device=param.device
+            )
+    optimizer.step()
+
+
 class SegmentationAlgo:
     """2D lung segmentation with a MONAI UNet, optionally with Opacus DP-SGD."""
 
@@ -139,7 +155,9 @@ class SegmentationAlgo:
         steps = 0
         for _ in range(self.config.local_epochs):
             for images, masks in loader:
-                if len(images) == 0:  # Poisson sampling can draw an empty batch
+                if len(images) == 0:  # Poisson sampling drew nobody: a noise-only step
+                    _noise_only_step(model, optimizer)
+                    steps += 1
                     continue
                 images, masks = images.to(self.device), masks.to(self.device)
                 optimizer.zero_grad()
@@ -179,7 +197,8 @@ class SegmentationAlgo:
             logits = self.model(images)
             losses.append(float(self.loss_fn(logits, masks)) * len(images))
             metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=masks)
-        dice = float(metric.aggregate().item())
+        aggregate = metric.aggregate()
+        dice = float(aggregate[0] if isinstance(aggregate, tuple) else aggregate)
         return EvalResult(
             loss=sum(losses) / len(self.val_set),
             dice=dice,

@@ -18,13 +18,13 @@ class ConfigError(ValueError):
     """A configuration key is unknown, missing or has a bad value."""
 
 
-class Task(str, enum.Enum):
+class Task(enum.StrEnum):
     """What a run trains."""
 
     LUNG_SEG = "lung-seg"
 
 
-class Optimizer(str, enum.Enum):
+class Optimizer(enum.StrEnum):
     """Local optimiser."""
 
     ADAM = "adam"

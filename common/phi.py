@@ -42,6 +42,8 @@ class PHIGuard:
         for name, record in content.items():
             self.check_text(name, "a record name")
             if isinstance(record, MetricRecord):
+                for key in record:
+                    self.check_text(key, f"metric name in {name}")
                 extra = sorted(set(record) - ALLOWED_METRICS)
                 if extra:
                     raise PHILeakError(f"refused to send metrics outside the allow-list: {extra}")

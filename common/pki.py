@@ -76,7 +76,7 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
 def create_ca(folder: Path, consortium: str) -> tuple[Path, Path]:
     """Create the consortium CA (EC P-384) in `folder`; return (cert, key) paths."""
     key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = _name(f"{consortium} consortium CA", consortium)
     cert = (
         x509.CertificateBuilder()
@@ -138,7 +138,7 @@ def issue_server_cert(folder: Path, hosts: list[str]) -> ServerTLS:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     org = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
     cert = (
         x509.CertificateBuilder()

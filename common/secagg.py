@@ -31,6 +31,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.server_config import ServerConfig
@@ -74,7 +75,7 @@ class _RoundStrategy(Strategy):  # type: ignore[misc]
         self._outcome = outcome
 
     def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager: Any) -> list[tuple[GridClientProxy, FitIns]]:
+                      client_manager: Any) -> list[tuple[ClientProxy, FitIns]]:
         run_id = self._grid.run.run_id
         return [
             (GridClientProxy(node_id, self._grid, run_id), FitIns(parameters, self._fit_config))

@@ -19,13 +19,15 @@ app.add_typer(site_app, name="site")
 
 @app.command()
 def demo(
-    data: Annotated[Path | None, typer.Option(help="Folder with one sub-folder per site "
-                                                   "(default: generate built-in hospitals)")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Folder with one sub-folder per site (default: generate built-in hospitals)"
+    )] = None,
     out: Annotated[Path | None, typer.Option(help="New folder for everything the demo "
                                                   "writes (default: runs/demo-<time>)")] = None,
-    config: Annotated[Path | None, typer.Option(help="Run config TOML (default: "
-                                                     "configs/demo.toml, or "
-                                                     "configs/cxr-lung-seg.toml with --data)")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="Run config TOML (default: configs/demo.toml, or configs/cxr-lung-seg.toml "
+        "with --data)"
+    )] = None,
     rounds: Annotated[int | None, typer.Option(help="Override num-rounds")] = None,
     patients: Annotated[int, typer.Option(help="Patients per generated hospital")] = 24,
 ) -> None:
@@ -41,8 +43,11 @@ def demo(
     out_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     overrides = {"num-rounds": rounds} if rounds else {}
     try:
-        result = run_demo(out_dir, data=data, config_file=config_file, overrides=overrides,
-                          patients=patients, say=lambda line: console.print(line, highlight=False))
+        with console.status("starting") as status:
+            result = run_demo(out_dir, data=data, config_file=config_file, overrides=overrides,
+                              patients=patients,
+                              say=lambda line: console.print(line, highlight=False),
+                              tick=lambda text: status.update(text))
     except DemoFailed as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         raise typer.Exit(1) from exc

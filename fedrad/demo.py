@@ -91,7 +91,8 @@ def format_round(row: dict[str, Any], total: int) -> str:
 
 
 def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict[str, Any],
-             patients: int, say: Callable[[str], None]) -> DemoResult:
+             patients: int, say: Callable[[str], None],
+             tick: Callable[[str], None] | None = None) -> DemoResult:
     """Run the whole federation; every started process is stopped before returning."""
     start = time.monotonic()
     out = out.resolve()
@@ -155,7 +156,8 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
             f"{'on' if values.get('secagg-enabled', True) else 'OFF'}")
         try:
             rounds = _follow(cli_home, run_id, run_dir, int(values["num-rounds"]),
-                             float(values.get("round-timeout", 900.0)), say)
+                             float(values.get("round-timeout", 900.0)), say,
+                             tick or (lambda _: None))
         finally:
             (logs / "serverapp.log").write_text(proc.flwr_cli(cli_home, "log", run_id, "--show"))
     report = run_dir / "report.html"
@@ -164,16 +166,21 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
 
 
 def _follow(cli_home: Path, run_id: str, run_dir: Path, total: int, round_timeout: float,
-            say: Callable[[str], None]) -> list[dict[str, Any]]:
+            say: Callable[[str], None], tick: Callable[[str], None]) -> list[dict[str, Any]]:
     """Print each round as the server records it; return when Flower says the run ended."""
     seen = 0
     deadline = time.monotonic() + round_timeout * (total + 1)
     status = "pending"
+    round_start = time.monotonic()
     while time.monotonic() < deadline:
         rows = _rows(run_dir)
         for row in rows[seen:]:
             say(format_round(row, total))
+            round_start = time.monotonic()
         seen = len(rows)
+        if seen < total:
+            tick(f"round {seen + 1}/{total}: sites training and aggregating under SecAgg+ "
+                 f"({time.monotonic() - round_start:.0f}s)")
         status = proc.run_status(cli_home, run_id)
         if status.startswith("finished"):
             break

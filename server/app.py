@@ -45,7 +45,8 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def _site_rounds(train: Replies, evaluation: Replies, names: dict[int, str]) -> dict[str, SiteRound]:
+def _site_rounds(train: Replies, evaluation: Replies,
+                 names: dict[int, str]) -> dict[str, SiteRound]:
     sites: dict[str, SiteRound] = {}
     for node in sorted(set(train.statuses) | set(evaluation.statuses)):
         site_id = names.get(node, f"node-{node}")

@@ -17,8 +17,11 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _series(rounds: list[dict[str, Any]], part: str, metric: str) -> dict[str, list[tuple[int, float]]]:
-    out: dict[str, list[tuple[int, float]]] = {}
+Points = list[tuple[int, float]]
+
+
+def _series(rounds: list[dict[str, Any]], part: str, metric: str) -> dict[str, Points]:
+    out: dict[str, Points] = {}
     for row in rounds:
         for site_id, site in row["sites"].items():
             if metric in site[part]:
@@ -39,6 +42,7 @@ def _plot(rounds: list[dict[str, Any]], part: str, metric: str, title: str,
     if pooled:
         ax.plot([r["server_round"] for r in rounds], [r["pooled_dice"] for r in rounds],
                 marker="s", color="black", linestyle="--", label="pooled")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.set_title(title)

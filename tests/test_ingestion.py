@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from client.dataset import load_site_dataset
+from client.dicom_scan import SEG_STORAGE, scan_folder
+from client.pixels import projection_image
+from client.site_check import check_site
+from fedrad.phantoms import SITE_STYLES, _image_dataset
+
+REAL_SITES = {  # site: (images, lung SEGs), from ../shared/data/README.md
+    "radiopaedia": (114, 67),
+    "eurorad": (79, 28),
+    "literature_other": (21, 19),
+}
+
+
+@pytest.mark.parametrize("style", SITE_STYLES, ids=lambda s: s.name)
+def test_pixels_round_trip_every_site_style(style, tmp_path) -> None:
+    """MONOCHROME1, 8/12/10-bit, RLE and implicit VR all decode to the same convention."""
+    truth = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    patient = {"name": "A^B^ZZCANARY", "id": "CANARY-X", "birth": "19600101", "sex": "F",
+               "study_date": "20240101"}
+    ds = _image_dataset(style, np.random.default_rng(0), patient, truth, "1.2.3", 1)
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    decoded = projection_image(tmp_path / "x.dcm")
+    top = 2**style.bits_stored - 1
+    expected = np.clip(truth * style.contrast, 0, 1)
+    assert np.abs(decoded - expected).max() <= 0.5 / top + 1e-6
+    assert decoded[-1, -1] > decoded[0, 0]  # brighter = denser whatever the photometric
+
+
+def test_generated_sites_read_completely(phantom_sites) -> None:
+    for site, folder in phantom_sites.items():
+        summary = check_site(folder)
+        assert summary["images"] == 12, site
+        assert summary["masks_matched"] == 12, site
+        assert summary["labelled"] == 12, site
+        assert summary["patients"] == 6, site
+        assert summary["skipped"] == [], site
+        assert summary["phi_fields_in_headers"] > 0
+
+
+@pytest.mark.parametrize("site", sorted(REAL_SITES))
+def test_real_cxr_sites(site, cxr_root, tmp_path) -> None:
+    images, segs = REAL_SITES[site]
+    folder = cxr_root / site
+    summary = check_site(folder)
+    assert summary["images"] == images
+    assert summary["masks_matched"] == segs
+    with (folder / "labels.csv").open() as handle:
+        assert summary["labelled"] == sum(1 for _ in csv.DictReader(handle)) == images
+    assert summary["skipped"] == []
+    dataset = load_site_dataset(folder, tmp_path, 128)
+    assert dataset.images.shape == (segs, 1, 128, 128)
+    lungs = dataset.masks.astype(bool)
+    # Brighter = denser at every site (eurorad is MONOCHROME1): lungs are darker.
+    assert dataset.images[lungs].mean() < dataset.images[~lungs].mean() - 0.03
+    assert 0.0 <= dataset.images.min() and dataset.images.max() <= 1.0
+
+
+def _image_and_foreign_seg(folder: Path) -> tuple[Path, Path]:
+    """An image, and a SEG that references some other image."""
+    images, segs = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "labels.csv"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.SOPClassUID == SEG_STORAGE:
+            ref = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+            segs.append((path, ref.ReferencedSOPInstanceUID))
+        else:
+            images.append((path, ds.SOPInstanceUID))
+    image, uid = images[0]
+    return image, next(path for path, ref in segs if ref != uid)
+
+
+def test_hostile_inputs_are_reported_and_the_scan_completes(phantom_sites, tmp_path) -> None:
+    source = phantom_sites["hospital-b"]
+    image, seg = _image_and_foreign_seg(source)
+    root = tmp_path / "hostile"
+    root.mkdir()
+    shutil.copy(image, root / "good.dcm")
+    (root / "empty.dcm").write_bytes(b"")
+    (root / "notes.dcm").write_text("this is not DICOM\n")
+    data = image.read_bytes()
+    (root / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    shutil.copy(image, root / "duplicate.dcm")
+    no_pixels = pydicom.dcmread(image)
+    del no_pixels.PixelData
+    no_pixels.SOPInstanceUID = no_pixels.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.1"
+    no_pixels.save_as(root / "nopixels.dcm")
+    bad_bits = pydicom.dcmread(image)
+    bad_bits.BitsAllocated = 12
+    bad_bits.SOPInstanceUID = bad_bits.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.2"
+    bad_bits.save_as(root / "badbits.dcm")
+    shutil.copy(seg, root / "orphan-seg.dcm")
+    summary = check_site(root)
+    reasons = {entry["file"]: entry["reason"] for entry in summary["skipped"]}
+    expected = {
+        "empty.dcm": "empty file",
+        "notes.dcm": "not a DICOM file",
+        "truncated.dcm": "",
+        "good.dcm": "duplicate SOPInstanceUID",  # "duplicate.dcm" sorts first and is kept
+        "nopixels.dcm": "without PixelData",
+        "badbits.dcm": "unsupported BitsAllocated/BitsStored 12/12",
+        "orphan-seg.dcm": "SEG references an image that is not in the data folder",
+    }
+    for name, reason in expected.items():
+        assert name in reasons, name
+        assert reason in reasons[name], (name, reasons[name])
+    assert summary["images"] == 1  # only one copy of the good image is usable
+    assert len(summary["skipped"]) == len(expected)
+
+
+def test_cache_is_reused_and_invalidated(phantom_sites, tmp_path) -> None:
+    folder = tmp_path / "site"
+    shutil.copytree(phantom_sites["hospital-c"], folder)
+    first = load_site_dataset(folder, tmp_path / "work", 64)
+    second = load_site_dataset(folder, tmp_path / "work", 64)
+    assert np.array_equal(first.images, second.images)
+    assert first.content_hash == second.content_hash
+    assert len(list((tmp_path / "work" / "cache").glob("*.npz"))) == 1
+    victim = next(p for p in folder.rglob("*.dcm"))
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+    load_site_dataset(folder, tmp_path / "work", 64)
+    load_site_dataset(folder, tmp_path / "work", 32)  # a preprocessing change
+    assert len(list((tmp_path / "work" / "cache").glob("*.npz"))) == 3
+
+
+def test_split_keeps_each_patient_on_one_side(phantom_sites, tmp_path) -> None:
+    dataset = load_site_dataset(phantom_sites["hospital-a"], tmp_path, 64)
+    train, val = dataset.split(0.25, seed=3)
+    assert len(train) + len(val) == len(dataset.groups) and len(val) > 0
+    assert not set(dataset.groups[train]) & set(dataset.groups[val])
+
+
+def test_scan_collects_identifiers_but_never_exposes_ids(phantom_sites) -> None:
+    scan = scan_folder(phantom_sites["hospital-a"])
+    assert any("ZZCANARY" in value for value in scan.phi_values)
+    assert all("CANARY" not in image.patient_key for image in scan.images)

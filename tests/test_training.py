@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from client.dataset import load_site_dataset
+from client.ledger import Session, epsilon_of
+from client.training import SegmentationAlgo, dp_sampling, plan_noise_multiplier
+from common.config import RunConfig
+from common.models import ModelError, build_model, check_dp_compatible
+from common.secagg import SecAggRangeError, check_range
+from common.weights import UpdateError, check_finite, from_arrays, plain_state_dict, to_arrays
+
+
+def test_models_are_dp_compatible_and_the_check_bites() -> None:
+    check_dp_compatible(build_model(RunConfig.from_mapping({})))
+    with pytest.raises(ModelError, match="BatchNorm"):
+        check_dp_compatible(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)))
+    with pytest.raises(ModelError, match="in-place activation"):
+        check_dp_compatible(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(inplace=True)))
+
+
+def test_weights_on_the_wire() -> None:
+    model = build_model(RunConfig.from_mapping({}))
+    wrapped = torch.nn.Module()
+    wrapped._module = model  # how Opacus' GradSampleModule nests the model
+    state = plain_state_dict(wrapped)
+    assert list(state) == list(model.state_dict())
+    arrays = to_arrays(state)
+    assert all(a.dtype == np.float32 for a in arrays)
+    restored = from_arrays(state, arrays)
+    assert all(torch.equal(restored[k], state[k]) for k in state)
+    with pytest.raises(UpdateError, match="expected shape"):
+        from_arrays(state, [np.zeros((1, 1), np.float32)] + arrays[1:])
+    with pytest.raises(UpdateError, match="expected 32 arrays, got 31"):
+        from_arrays(state, arrays[1:])
+    arrays[3][0] = np.nan
+    with pytest.raises(UpdateError, match="array 3 holds NaN"):
+        check_finite(arrays)
+
+
+def test_planned_noise_spends_the_target_epsilon() -> None:
+    config = RunConfig.from_mapping({"num-rounds": 3, "local-epochs": 2, "batch-size": 8})
+    sigma = plan_noise_multiplier(config, num_train=36, delta=1e-5)
+    q, per_epoch = dp_sampling(36, 8)
+    assert (q, per_epoch) == (0.2, 5)
+    sessions = [Session(1, r, sigma, q, 2 * per_epoch) for r in (1, 2, 3)]
+    assert epsilon_of(sessions, 1e-5) == pytest.approx(8.0, abs=0.05)
+    assert epsilon_of(sessions, 1e-5) <= 8.0 + 1e-6
+
+
+def test_local_training_learns_and_dp_counts_steps(phantom_sites, tmp_path) -> None:
+    torch.set_num_threads(2)
+    config = RunConfig.from_mapping({"image-size": 32, "local-epochs": 3, "learning-rate": 0.01,
+                                     "batch-size": 3})
+    dataset = load_site_dataset(phantom_sites["hospital-a"], tmp_path, 32)
+    algo = SegmentationAlgo(config, dataset, torch.device("cpu"))
+    assert algo.num_train == 8  # 6 patients, 2 held out, 2 images each
+    before = algo.evaluate().dice
+    plain = algo.train(server_round=1, noise_multiplier=None)
+    after = algo.evaluate().dice
+    assert after > before + 0.2, (before, after)
+    assert plain.steps == 3 * 3  # 8 images, batch 3 -> 3 batches per epoch
+    dp = algo.train(server_round=2, noise_multiplier=1.0)
+    assert dp.sample_rate == pytest.approx(1 / 3) and dp.steps == 3 * 3
+
+
+def test_secagg_range_is_checked_not_clipped() -> None:
+    config = RunConfig.from_mapping({}).secagg  # clipping range 8, max weight 1000
+    check_range([np.full(3, 100.0, np.float32)], num_examples=50, settings=config)  # 5.0 ok
+    with pytest.raises(SecAggRangeError, match="exceeds secagg-clipping-range"):
+        check_range([np.full(3, 200.0, np.float32)], num_examples=50, settings=config)
+    with pytest.raises(SecAggRangeError, match="exceeds secagg-max-weight"):
+        check_range([np.zeros(3, np.float32)], num_examples=1001, settings=config)
+
+
+def test_every_party_builds_the_same_initial_model() -> None:
+    config = RunConfig.from_mapping({})
+    a, b = plain_state_dict(build_model(config)), plain_state_dict(build_model(config))
+    assert isinstance(a, OrderedDict) and all(torch.equal(a[k], b[k]) for k in a)
