@@ -18,6 +18,8 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from client.pixels import PIXEL_KEYWORDS
+
 LOG = logging.getLogger("fedrad.client")
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -153,10 +155,12 @@ def scan_folder(root: Path) -> ScanResult:
         _collect_phi(ds, result)
         if sop_class == SEG_STORAGE:
             _add_seg(ds, path, result)
-        elif sop_class in IMAGE_CLASSES:
+        elif any(keyword in ds for keyword in PIXEL_KEYWORDS):
             _add_image(ds, path, sop_class, result)
-        else:
-            result.other_objects[sop_class] += 1
+        elif sop_class in IMAGE_CLASSES:
+            result.skip(path, "image object without PixelData")
+        else:  # SR, waveforms, RT plans...: nothing to decode
+            result.other_objects[str(ds.get("Modality", "") or sop_class)] += 1
     LOG.info(
         "scan: %d images, %d SEG, %d other objects, %d skipped",
         len(result.images), len(result.segs), sum(result.other_objects.values()),
@@ -166,9 +170,6 @@ def scan_folder(root: Path) -> ScanResult:
 
 
 def _add_image(ds: pydicom.Dataset, path: Path, sop_class: str, result: ScanResult) -> None:
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        result.skip(path, "image object without PixelData")
-        return
     result.images.append(
         ImageRef(
             path=path,
@@ -176,7 +177,7 @@ def _add_image(ds: pydicom.Dataset, path: Path, sop_class: str, result: ScanResu
             series_uid=str(ds.get("SeriesInstanceUID", "")),
             study_uid=str(ds.get("StudyInstanceUID", "")),
             patient_key=patient_key(str(ds.get("PatientID", ""))),
-            modality=str(ds.get("Modality", IMAGE_CLASSES[sop_class])),
+            modality=str(ds.get("Modality", "") or IMAGE_CLASSES.get(sop_class, "OT")),
             transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
         )
     )

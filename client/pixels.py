@@ -13,11 +13,56 @@ class PixelError(ValueError):
     """Pixel data that cannot be decoded or does not make sense."""
 
 
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
 def _read(path: Path) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001 - truncated and corrupt files raise many types
         raise PixelError(f"file cannot be read ({type(exc).__name__})") from exc
+
+
+def _check_bits(ds: pydicom.Dataset) -> int:
+    bits_stored = int(ds.get("BitsStored", 0))
+    bits_allocated = int(ds.get("BitsAllocated", 0))
+    if bits_allocated not in (1, 8, 16, 32, 64) or not 0 < bits_stored <= bits_allocated:
+        raise PixelError(
+            f"unsupported BitsAllocated/BitsStored {bits_allocated}/{bits_stored}"
+        )
+    return bits_stored
+
+
+def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """Decode the stored values of every frame; a failure says which decoder is missing."""
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        raise PixelError("object has no pixel data")
+    if "PixelData" in ds:
+        _check_bits(ds)
+    try:
+        return np.asarray(ds.pixel_array)
+    except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        name = getattr(syntax, "name", str(syntax))
+        if "Unable to decode" in str(exc) or "No plugins" in str(exc):
+            bits = ds.get("BitsStored", "?")
+            raise PixelError(
+                f"no installed decoder handles {name} at {bits} bits; pylibjpeg-libjpeg "
+                "(GPL-3.0) does, install it if your site accepts its licence"
+            ) from exc
+        raise PixelError(f"pixel data cannot be decoded ({type(exc).__name__}, {name})") from exc
+
+
+def frames(path: Path) -> np.ndarray:
+    """Any object's pixels as float32 in modality units (CT in HU): (frames, rows, cols[, 3])."""
+    ds = _read(path)
+    values = stored_pixels(ds)
+    frame_count = int(ds.get("NumberOfFrames", 1) or 1)
+    if int(ds.get("SamplesPerPixel", 1)) == 1 and "PixelData" in ds:
+        values = apply_modality_lut(values, ds)
+    values = np.asarray(values, dtype=np.float32)
+    return values if frame_count > 1 else values[None]
 
 
 def projection_image(path: Path) -> np.ndarray:
@@ -27,21 +72,13 @@ def projection_image(path: Path) -> np.ndarray:
     BitsStored allows, and inverts MONOCHROME1.
     """
     ds = _read(path)
-    bits_stored = int(ds.get("BitsStored", 0))
-    bits_allocated = int(ds.get("BitsAllocated", 0))
-    if bits_allocated not in (8, 16, 32) or not 0 < bits_stored <= bits_allocated:
-        raise PixelError(
-            f"unsupported BitsAllocated/BitsStored {bits_allocated}/{bits_stored}"
-        )
+    bits_stored = _check_bits(ds)
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise PixelError(
             f"expected a grayscale image, got PhotometricInterpretation {photometric!r}"
         )
-    try:
-        stored = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
-        raise PixelError(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
+    stored = stored_pixels(ds)
     if stored.ndim != 2:
         raise PixelError(f"expected one 2D frame, got array of shape {stored.shape}")
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
@@ -61,12 +98,26 @@ def projection_image(path: Path) -> np.ndarray:
 def seg_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """Read a one-frame binary DICOM SEG as a uint8 mask; check it matches `shape`."""
     ds = _read(path)
-    try:
-        mask = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001
-        raise PixelError(f"SEG pixel data cannot be decoded ({type(exc).__name__})") from exc
+    mask = stored_pixels(ds)
     if mask.ndim == 3:
         mask = mask.max(axis=0)
     if mask.shape != shape:
         raise PixelError(f"SEG is {mask.shape[0]}x{mask.shape[1]}, image is {shape[0]}x{shape[1]}")
     return (mask > 0).astype(np.uint8)
+
+
+def probe(path: Path) -> tuple[str, str]:
+    """One file's outcome: ("ok" | "no-pixels" | "fails", reason). Never raises."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return "fails", f"not readable as DICOM ({type(exc).__name__})"
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        return "no-pixels", f"{ds.get('Modality', 'object')} without pixel data"
+    if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+        return "fails", "missing SOPClassUID or SOPInstanceUID"
+    try:
+        stored_pixels(ds)
+    except PixelError as exc:
+        return "fails", str(exc)
+    return "ok", ""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from client.dicom_scan import scan_folder
-from client.pixels import PixelError, projection_image, seg_mask
+from client.pixels import PixelError, frames, seg_mask
 
 LABELS_FILE = "labels.csv"
 
@@ -28,7 +28,8 @@ def check_site(data: Path, labels_file: Path | None = None) -> dict[str, Any]:
     decoded: dict[str, tuple[int, int]] = {}
     for uid, image in images.items():
         try:
-            decoded[uid] = projection_image(image.path).shape  # type: ignore[assignment]
+            shape = frames(image.path).shape
+            decoded[uid] = (int(shape[1]), int(shape[2]))
         except PixelError as exc:
             scan.skip(image.path, str(exc))
     masks = 0
