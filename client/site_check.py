@@ -28,8 +28,8 @@ def check_site(data: Path, labels_file: Path | None = None) -> dict[str, Any]:
     decoded: dict[str, tuple[int, int]] = {}
     for uid, image in images.items():
         try:
-            shape = frames(image.path).shape
-            decoded[uid] = (int(shape[1]), int(shape[2]))
+            dims = frames(image.path).shape
+            decoded[uid] = (int(dims[1]), int(dims[2]))
         except PixelError as exc:
             scan.skip(image.path, str(exc))
     masks = 0
