@@ -9,6 +9,7 @@ from typing import Any
 
 from client.dicom_scan import scan_folder
 from client.pixels import PixelError, frames, seg_mask
+from client.volumes import VolumeError, build_volume, group_series
 
 LABELS_FILE = "labels.csv"
 
@@ -45,6 +46,15 @@ def check_site(data: Path, labels_file: Path | None = None) -> dict[str, Any]:
                 masks += 1
             except PixelError as exc:
                 scan.skip(seg.path, str(exc))
+    volumes = 0
+    for series in group_series([images[uid] for uid in decoded]).values():
+        if len(series) < 2:
+            continue
+        try:
+            build_volume([image.path for image in series])
+            volumes += 1
+        except VolumeError as exc:
+            scan.skip(series[0].path, f"series of {len(series)} slices: {exc}")
     labelled = _labels(labels_file or data / LABELS_FILE)
     usable = [images[uid] for uid in decoded]
     return {
@@ -55,6 +65,7 @@ def check_site(data: Path, labels_file: Path | None = None) -> dict[str, Any]:
         "modalities": dict(Counter(image.modality for image in usable)),
         "transfer_syntaxes": dict(Counter(image.transfer_syntax for image in usable)),
         "masks_matched": masks,
+        "volumes": volumes,
         "labelled": len(labelled & set(decoded)),
         "other_objects": dict(scan.other_objects),
         "phi_fields_in_headers": scan.phi_fields,

@@ -30,7 +30,6 @@ from pydicom.uid import (
 UID_PREFIX = "1.2.826.0.1.3680043.10.999."
 CR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
-_ = CTImageStorage  # the generator writes projection images only
 
 
 @dataclass(frozen=True)
@@ -252,3 +251,52 @@ def write_consortium(root: Path, *, patients: int = 12, images_per_patient: int 
                    size=size, seed=seed * 100 + index)
         sites[style.name] = folder
     return sites
+
+
+def write_ct_series(folder: Path, *, slices: int = 12, size: int = 48, spacing: float = 2.5,
+                    pixel_spacing: float = 1.5, seed: int = 0) -> list[Path]:
+    """A small CT series as files named in random order, signed HU pixels, oblique rows.
+
+    Each slice's corner holds 10 x its true index (HU), so a test can check the order.
+    InstanceNumber runs backwards on purpose: sorting must use the geometry.
+    """
+    from pydicom.dataset import Dataset
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    angle = np.deg2rad(10.0)
+    row = np.array([np.cos(angle), np.sin(angle), 0.0])
+    col = np.array([-np.sin(angle), np.cos(angle), 0.0])
+    normal = np.cross(row, col)
+    study, series = generate_uid(prefix=UID_PREFIX), generate_uid(prefix=UID_PREFIX)
+    yy, xx = np.mgrid[0:size, 0:size]
+    paths = []
+    for index in range(slices):
+        body = ((yy - size / 2) / (size * 0.4)) ** 2 + ((xx - size / 2) / (size * 0.45)) ** 2 <= 1
+        hu = np.where(body, 40, -1000).astype(np.int16)
+        hu[:4, :4] = 10 * index
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix=UID_PREFIX)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.PatientName, ds.PatientID = "DOE^JANE^ZZCANARY", "CANARY-CT0001"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.SeriesNumber = "CT", 1
+        ds.InstanceNumber = slices - index
+        ds.ImageOrientationPatient = [*row.round(6), *col.round(6)]
+        ds.ImagePositionPatient = list((np.array([-30.0, -40.0, 100.0])
+                                        + index * spacing * normal).round(4))
+        ds.PixelSpacing = [pixel_spacing, pixel_spacing]
+        ds.SliceThickness = spacing
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = hu.tobytes()
+        path = folder / f"{rng.integers(10**8):08d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
