@@ -69,6 +69,7 @@ class ImageRef:
     patient_key: str  # a one-way hash of PatientID, for grouping only
     modality: str
     transfer_syntax: str
+    accession_number: str = ""  # site-local join key for labels; never sent
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def _add_image(ds: pydicom.Dataset, path: Path, sop_class: str, result: ScanResu
             patient_key=patient_key(str(ds.get("PatientID", ""))),
             modality=str(ds.get("Modality", "") or IMAGE_CLASSES.get(sop_class, "OT")),
             transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+            accession_number=str(ds.get("AccessionNumber", "")),
         )
     )
 

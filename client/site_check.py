@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from client.dicom_scan import scan_folder
+from client.labels import labelled_images, load_labels
 from client.pixels import PixelError, frames, seg_mask
 from client.volumes import VolumeError, build_volume, group_series
 
 LABELS_FILE = "labels.csv"
 
 
-def _labels(path: Path) -> set[str]:
-    if not path.is_file():
-        return set()
-    with path.open(newline="") as handle:
-        return {row["sop_instance_uid"] for row in csv.DictReader(handle)
-                if row.get("sop_instance_uid")}
-
-
-def check_site(data: Path, labels_file: Path | None = None) -> dict[str, Any]:
+def check_site(data: Path, labels_file: Path | None = None,
+               labels_key: str = "sop_instance_uid") -> dict[str, Any]:
     """Scan and decode every image once; count what is usable and list what is not."""
     scan = scan_folder(data)
     images = {image.sop_instance_uid: image for image in scan.images}
@@ -55,8 +48,9 @@ def check_site(data: Path, labels_file: Path | None = None) -> dict[str, Any]:
             volumes += 1
         except VolumeError as exc:
             scan.skip(series[0].path, f"series of {len(series)} slices: {exc}")
-    labelled = _labels(labels_file or data / LABELS_FILE)
     usable = [images[uid] for uid in decoded]
+    labels_path = labels_file or data / LABELS_FILE
+    labels = load_labels(labels_path, labels_key) if labels_path.is_file() else {}
     return {
         "images": len(usable),
         "series": len({image.series_uid for image in usable}),
@@ -66,7 +60,7 @@ def check_site(data: Path, labels_file: Path | None = None) -> dict[str, Any]:
         "transfer_syntaxes": dict(Counter(image.transfer_syntax for image in usable)),
         "masks_matched": masks,
         "volumes": volumes,
-        "labelled": len(labelled & set(decoded)),
+        "labelled": len(labelled_images(usable, labels, labels_key)),
         "other_objects": dict(scan.other_objects),
         "phi_fields_in_headers": scan.phi_fields,
         "skipped": [{"file": s.file, "reason": s.reason} for s in scan.skipped],

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.labels import KEY_COLUMNS
 from common.config import ConfigError
 
 _ALLOWED = {
-    "site-id", "data-dir", "work-dir", "epsilon-budget", "labels-file", "device", "threads"
+    "site-id", "data-dir", "work-dir", "epsilon-budget", "labels-file", "labels-key", "device",
+    "threads"
 }
 _SITE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -28,6 +30,7 @@ class SiteConfig:
     work_dir: Path
     epsilon_budget: float
     labels_file: Path | None
+    labels_key: str
     device: str
     threads: int  # torch CPU threads; 0 = torch's default
 
@@ -60,6 +63,10 @@ class SiteConfig:
         data_dir = Path(str(raw["data-dir"])).expanduser()
         if not data_dir.is_dir():
             raise ConfigError(f"data-dir {data_dir} is not a folder; point it at the DICOM export")
+        if raw.get("labels-key", "sop_instance_uid") not in KEY_COLUMNS:
+            raise ConfigError(
+                f"labels-key must be one of {list(KEY_COLUMNS)}, got {raw.get('labels-key')!r}"
+            )
         threads = raw.get("threads", 0)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise ConfigError(f"threads must be an integer >= 0, got {threads!r}")
@@ -70,6 +77,7 @@ class SiteConfig:
             work_dir=Path(str(raw["work-dir"])).expanduser(),
             epsilon_budget=float(budget),
             labels_file=Path(str(labels)) if labels else None,
+            labels_key=str(raw.get("labels-key", "sop_instance_uid")),
             device=device,
             threads=threads,
         )

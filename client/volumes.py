@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -126,7 +127,7 @@ def load_nifti(path: Path) -> Volume:
     """A NIfTI image or label map as a Volume (array (Z, Y, X), spacing (z, y, x))."""
     import nibabel as nib
 
-    image = nib.load(str(path))
+    image: Any = nib.load(str(path))
     array = np.asarray(image.dataobj).astype(np.float32)  # (X, Y, Z) in NIfTI order
     zooms = [float(z) for z in image.header.get_zooms()[:3]]
     affine = np.asarray(image.affine)

@@ -59,13 +59,23 @@ def demo(
 def site_check(
     data: Annotated[Path, typer.Option(help="The site's DICOM export folder")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    labels: Annotated[Path | None,
+                      typer.Option(help="labels CSV (default: DATA/labels.csv)")] = None,
+    labels_key: Annotated[str, typer.Option(
+        help="labels column that identifies an image: sop_instance_uid, accession_number "
+        "or study_instance_uid")] = "sop_instance_uid",
 ) -> None:
     """What this site can train on; exits non-zero only when nothing usable was found."""
     from client.site_check import check_site
 
     if not data.is_dir():
         raise typer.BadParameter(f"{data} is not a folder", param_hint="--data")
-    summary = check_site(data)
+    from client.labels import LabelsError
+
+    try:
+        summary = check_site(data, labels, labels_key)
+    except LabelsError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--labels/--labels-key") from exc
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
     else:

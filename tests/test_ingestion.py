@@ -144,3 +144,25 @@ def test_scan_collects_identifiers_but_never_exposes_ids(phantom_sites) -> None:
     scan = scan_folder(phantom_sites["hospital-a"])
     assert any("ZZCANARY" in value for value in scan.phi_values)
     assert all("CANARY" not in image.patient_key for image in scan.images)
+
+
+def test_labels_by_accession_number_and_bad_keys(phantom_sites, tmp_path) -> None:
+    from client.labels import LabelsError, load_labels
+
+    folder = phantom_sites["hospital-a"]
+    rows = list(csv.DictReader((folder / "labels.csv").open()))
+    by_accession = tmp_path / "by-accession.csv"
+    with by_accession.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["accession_number", "label_nodule"])
+        writer.writeheader()
+        for row in rows[:5]:
+            writer.writerow({k: row[k] for k in ("accession_number", "label_nodule")})
+    summary = check_site(folder, by_accession, "accession_number")
+    assert summary["labelled"] == 5
+    with pytest.raises(LabelsError, match="no column 'study_instance_uid'"):
+        load_labels(by_accession, "study_instance_uid")
+    with pytest.raises(LabelsError, match="must be one of"):
+        load_labels(by_accession, "patient_id")
+    (tmp_path / "dup.csv").write_text("sop_instance_uid,x\n1.2,1\n1.2,0\n")
+    with pytest.raises(LabelsError, match="line 3: sop_instance_uid value repeated"):
+        load_labels(tmp_path / "dup.csv")
