@@ -11,15 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
 import torch.nn.functional as F
 
-from client.dicom_scan import ScanResult, Skipped, iter_files, scan_folder
-from client.pixels import PixelError, projection_image, seg_mask
+from client.dicom_scan import ImageRef, ScanResult, SegRef, Skipped, iter_files, scan_folder
+from client.pixels import PixelError, check_mask, projection_pixels, seg_pixels
 
 LOG = logging.getLogger("fedrad.client")
 CACHE_VERSION = 1
@@ -61,8 +62,26 @@ def _resize(array: np.ndarray, size: int, *, nearest: bool) -> np.ndarray:
     return F.interpolate(tensor, size=(size, size), mode=mode)[0, 0].numpy()
 
 
-def _decode(scan: ScanResult, image_size: int) -> tuple[list[np.ndarray], list[np.ndarray],
-                                                         list[str]]:
+@dataclass
+class _Decoded:
+    """Pixels decoded during the scan (one read per file)."""
+
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # by referenced image UID
+    errors: dict[Path, str] = field(default_factory=dict)
+
+    def __call__(self, kind: str, ref: ImageRef | SegRef, ds: pydicom.Dataset) -> None:
+        try:
+            if isinstance(ref, SegRef):
+                self.masks[ref.referenced_sop_uid] = seg_pixels(ds)
+            else:
+                self.images[ref.sop_instance_uid] = projection_pixels(ds)
+        except PixelError as exc:
+            self.errors[ref.path] = str(exc)
+
+
+def _pair(scan: ScanResult, decoded: _Decoded, image_size: int
+          ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     segs_by_image = {seg.referenced_sop_uid: seg for seg in scan.segs}
     image_uids = {image.sop_instance_uid for image in scan.images}
     for orphan in scan.segs:
@@ -74,11 +93,15 @@ def _decode(scan: ScanResult, image_size: int) -> tuple[list[np.ndarray], list[n
         if seg is None:
             scan.skip(image.path, "image has no lung SEG (not usable for segmentation)")
             continue
+        problem = decoded.errors.get(image.path) or decoded.errors.get(seg.path)
+        if problem:
+            scan.skip(image.path, problem)
+            continue
+        pixels = decoded.images[image.sop_instance_uid]
         try:
-            pixels = projection_image(image.path)
-            mask = seg_mask(seg.path, pixels.shape)
+            mask = check_mask(decoded.masks[image.sop_instance_uid], pixels.shape)
         except PixelError as exc:
-            scan.skip(image.path, str(exc))
+            scan.skip(seg.path, str(exc))
             continue
         images.append(_resize(pixels, image_size, nearest=False))
         masks.append((_resize(mask, image_size, nearest=True) > 0.5).astype(np.uint8))
@@ -103,8 +126,9 @@ def load_site_dataset(root: Path, work_dir: Path, image_size: int) -> SiteDatase
                 phi_values=frozenset(meta["phi_values"]),
                 skipped=tuple(Skipped(**s) for s in meta["skipped"]),
             )
-    scan = scan_folder(root)
-    images, masks, patients = _decode(scan, image_size)
+    decoded = _Decoded()
+    scan = scan_folder(root, visit=decoded)
+    images, masks, patients = _pair(scan, decoded, image_size)
     if not images:
         raise ValueError("no usable image/mask pairs in the data folder; run `fedrad site check`")
     index = {p: i for i, p in enumerate(sorted(set(patients)))}

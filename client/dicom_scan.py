@@ -12,10 +12,12 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
 from client.pixels import PIXEL_KEYWORDS
@@ -102,16 +104,33 @@ def patient_key(patient_id: str) -> str:
     return hashlib.sha256(f"fedrad-patient|{patient_id}".encode()).hexdigest()[:16]
 
 
+_PHI_TAGS = tuple((keyword, tag_for_keyword(keyword)) for keyword in PHI_KEYWORDS)
+
+
 def _collect_phi(ds: pydicom.Dataset, result: ScanResult) -> None:
-    for keyword in PHI_KEYWORDS:
-        value = ds.get(keyword)
-        if value is None or value == "":
+    """Identifier values from the raw header bytes (no value conversion: it is the hot path)."""
+    encoding = "utf-8" if "ISO_IR 192" in str(ds.get("SpecificCharacterSet", "")) else "latin-1"
+    for keyword, tag in _PHI_TAGS:
+        if tag is None or tag not in ds:
+            continue
+        raw = ds.get_item(tag)
+        value = raw.value if raw is not None else None
+        if isinstance(value, bytes):
+            text = value.decode(encoding, errors="replace").strip(" \x00")
+        elif value is None:
+            continue
+        else:
+            text = str(value)
+        if not text:
             continue
         result.phi_fields += 1
-        text = str(value)
-        result.phi_values.add(text)
-        if keyword.endswith("Name"):
-            result.phi_values.update(part for part in text.split("^") if len(part) >= 4)
+        for item in text.split("\\"):
+            result.phi_values.add(item)
+            if keyword.endswith("Name"):
+                result.phi_values.update(
+                    part for group in item.split("=") for part in group.split("^")
+                    if len(part) >= 4
+                )
 
 
 def iter_files(root: Path) -> list[Path]:
@@ -124,9 +143,18 @@ def iter_files(root: Path) -> list[Path]:
     return found
 
 
-def scan_folder(root: Path) -> ScanResult:
-    """Read every file's header under `root` and sort images, SEGs and the rest."""
+Visitor = Callable[[str, "ImageRef | SegRef", pydicom.Dataset], None]
+
+
+def scan_folder(root: Path, visit: Visitor | None = None) -> ScanResult:
+    """Read every file's header under `root` and sort images, SEGs and the rest.
+
+    With `visit`, each file is read whole, once, and every image ("image") and SEG
+    ("seg") dataset is handed to `visit` as it is found, so a caller can decode
+    pixels in the same pass instead of reading the file again.
+    """
     result = ScanResult(root=root)
+    defer = None if visit else "2 KB"
     seen: dict[str, Path] = {}
     for path in iter_files(root):
         if path.name in NON_DICOM_NAMES:
@@ -135,7 +163,7 @@ def scan_folder(root: Path) -> ScanResult:
             result.skip(path, "empty file (0 bytes)")
             continue
         try:
-            ds = pydicom.dcmread(path, defer_size="2 KB")
+            ds = pydicom.dcmread(path, defer_size=defer)
         except InvalidDicomError:
             result.skip(path, "not a DICOM file (no DICM preamble or valid header)")
             continue
@@ -156,8 +184,12 @@ def scan_folder(root: Path) -> ScanResult:
         _collect_phi(ds, result)
         if sop_class == SEG_STORAGE:
             _add_seg(ds, path, result)
+            if visit and result.segs and result.segs[-1].path == path:
+                visit("seg", result.segs[-1], ds)
         elif any(keyword in ds for keyword in PIXEL_KEYWORDS):
             _add_image(ds, path, sop_class, result)
+            if visit:
+                visit("image", result.images[-1], ds)
         elif sop_class in IMAGE_CLASSES:
             result.skip(path, "image object without PixelData")
         else:  # SR, waveforms, RT plans...: nothing to decode

@@ -37,8 +37,6 @@ def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
     """Decode the stored values of every frame; a failure says which decoder is missing."""
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise PixelError("object has no pixel data")
-    if "PixelData" in ds:
-        _check_bits(ds)
     try:
         return np.asarray(ds.pixel_array)
     except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
@@ -57,6 +55,8 @@ def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
 def frames(path: Path) -> np.ndarray:
     """Any object's pixels as float32 in modality units (CT in HU): (frames, rows, cols[, 3])."""
     ds = _read(path)
+    if "PixelData" in ds:
+        _check_bits(ds)
     values = stored_pixels(ds)
     frame_count = int(ds.get("NumberOfFrames", 1) or 1)
     if int(ds.get("SamplesPerPixel", 1)) == 1 and "PixelData" in ds:
@@ -71,7 +71,11 @@ def projection_image(path: Path) -> np.ndarray:
     Applies the Modality LUT (RescaleSlope/Intercept), normalises by the range
     BitsStored allows, and inverts MONOCHROME1.
     """
-    ds = _read(path)
+    return projection_pixels(_read(path))
+
+
+def projection_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """`projection_image` for a dataset already read."""
     bits_stored = _check_bits(ds)
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -81,29 +85,41 @@ def projection_image(path: Path) -> np.ndarray:
     stored = stored_pixels(ds)
     if stored.ndim != 2:
         raise PixelError(f"expected one 2D frame, got array of shape {stored.shape}")
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    slope = float(ds.get("RescaleSlope", 1.0))
+    intercept = float(ds.get("RescaleIntercept", 0.0))
+    if slope == 1.0 and intercept == 0.0 and "ModalityLUTSequence" not in ds:
+        values = stored.astype(np.float32)  # identity Modality LUT: skip the float64 pass
+    else:
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
     if int(ds.get("PixelRepresentation", 0)) == 1:
         low_stored, high_stored = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
     else:
         low_stored, high_stored = 0, 2**bits_stored - 1
-    slope = float(ds.get("RescaleSlope", 1.0))
-    intercept = float(ds.get("RescaleIntercept", 0.0))
     low, high = sorted((low_stored * slope + intercept, high_stored * slope + intercept))
-    out = (values - low) / (high - low)
+    out = (values - np.float32(low)) * np.float32(1.0 / (high - low))
     if photometric == "MONOCHROME1":
         out = 1.0 - out
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def seg_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """Read a one-frame binary DICOM SEG as a uint8 mask; check it matches `shape`."""
-    ds = _read(path)
+    return check_mask(seg_pixels(_read(path)), shape)
+
+
+def seg_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """A one-frame binary SEG's mask (frames merged) as uint8."""
     mask = stored_pixels(ds)
     if mask.ndim == 3:
         mask = mask.max(axis=0)
+    return (mask > 0).astype(np.uint8)
+
+
+def check_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Refuse a mask whose geometry differs from its image's."""
     if mask.shape != shape:
         raise PixelError(f"SEG is {mask.shape[0]}x{mask.shape[1]}, image is {shape[0]}x{shape[1]}")
-    return (mask > 0).astype(np.uint8)
+    return mask
 
 
 def probe(path: Path) -> tuple[str, str]:
