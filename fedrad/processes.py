@@ -24,6 +24,16 @@ class DeploymentError(RuntimeError):
     """A process of the deployment did not start or a CLI call failed."""
 
 
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """Our environment plus `extra`, with this interpreter's bin/ first on PATH.
+
+    Flower's SuperLink and SuperNode start `flower-superexec` and `flwr-clientapp` by
+    name, so they must find this installation's scripts even when no venv is active.
+    """
+    path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+    return {**os.environ, **extra, "PATH": path}
+
+
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1."""
     with socket.socket() as sock:
@@ -61,7 +71,7 @@ class ProcessGroup:
         handle = log.open("ab")
         self._logs.append(handle)
         process = subprocess.Popen(
-            command, cwd=cwd, env={**os.environ, **env}, stdout=handle,
+            command, cwd=cwd, env=child_env(env), stdout=handle,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
         self.processes.append((name, process))
@@ -111,7 +121,7 @@ def write_cli_config(flwr_home: Path, *, name: str, address: str, ca_cert: Path)
 def flwr_cli(flwr_home: Path, *args: str, timeout: float = 120.0) -> str:
     """Run the `flwr` CLI against the configured SuperLink; return stdout."""
     result = subprocess.run(
-        [str(BIN / "flwr"), *args], env={**os.environ, "FLWR_HOME": str(flwr_home)},
+        [str(BIN / "flwr"), *args], env=child_env({"FLWR_HOME": str(flwr_home)}),
         capture_output=True, text=True, timeout=timeout, check=False,
     )
     if result.returncode != 0:
