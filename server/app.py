@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.models import build_model
 from common.weights import add, check_finite, from_arrays, global_norm, plain_state_dict, to_arrays
+from server.polling_grid import PollingGrid
 from server.registry import RoundRecord, RunFolder, SiteRound, server_home
 from server.report import write_report
 from server.rounds import Replies, evaluate_round, train_round
@@ -70,6 +71,7 @@ def _pooled_dice(evaluation: Replies) -> float:
 def main(grid: Grid, context: Context) -> None:
     """Run `num-rounds` rounds of DP training with SecAgg+ and per-site evaluation."""
     _configure_logging()
+    grid = PollingGrid(grid)
     config = RunConfig.from_mapping(context.run_config)
     run = RunFolder.create(server_home(), context.run_id, config.to_mapping())
     LOG.info(
