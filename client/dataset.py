@@ -48,8 +48,8 @@ class SiteDataset:
         return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
 
 
-def _cache_key(root: Path, image_size: int) -> str:
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|size={image_size}".encode())
+def _cache_key(root: Path, image_size: int, voi_window: bool) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|size={image_size}|voi={voi_window}".encode())
     for path in iter_files(root):
         stat = path.stat()
         digest.update(f"|{path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -69,13 +69,16 @@ class _Decoded:
     images: dict[str, np.ndarray] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # by referenced image UID
     errors: dict[Path, str] = field(default_factory=dict)
+    voi_window: bool = False
 
     def __call__(self, kind: str, ref: ImageRef | SegRef, ds: pydicom.Dataset) -> None:
         try:
             if isinstance(ref, SegRef):
                 self.masks[ref.referenced_sop_uid] = seg_pixels(ds)
             else:
-                self.images[ref.sop_instance_uid] = projection_pixels(ds)
+                self.images[ref.sop_instance_uid] = projection_pixels(
+                    ds, voi_window=self.voi_window
+                )
         except PixelError as exc:
             self.errors[ref.path] = str(exc)
 
@@ -109,9 +112,10 @@ def _pair(scan: ScanResult, decoded: _Decoded, image_size: int
     return images, masks, patients
 
 
-def load_site_dataset(root: Path, work_dir: Path, image_size: int) -> SiteDataset:
+def load_site_dataset(root: Path, work_dir: Path, image_size: int, *,
+                      voi_window: bool = False) -> SiteDataset:
     """Scan, decode and resize a site's data, or load it from the cache."""
-    key = _cache_key(root, image_size)
+    key = _cache_key(root, image_size, voi_window)
     cache_dir = work_dir / "cache"
     arrays_path, meta_path = cache_dir / f"{key}.npz", cache_dir / f"{key}.json"
     if arrays_path.is_file() and meta_path.is_file():
@@ -126,7 +130,7 @@ def load_site_dataset(root: Path, work_dir: Path, image_size: int) -> SiteDatase
                 phi_values=frozenset(meta["phi_values"]),
                 skipped=tuple(Skipped(**s) for s in meta["skipped"]),
             )
-    decoded = _Decoded()
+    decoded = _Decoded(voi_window=voi_window)
     scan = scan_folder(root, visit=decoded)
     images, masks, patients = _pair(scan, decoded, image_size)
     if not images:

@@ -74,8 +74,13 @@ def projection_image(path: Path) -> np.ndarray:
     return projection_pixels(_read(path))
 
 
-def projection_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """`projection_image` for a dataset already read."""
+def projection_pixels(ds: pydicom.Dataset, *, voi_window: bool = False) -> np.ndarray:
+    """`projection_image` for a dataset already read.
+
+    With `voi_window`, the image's own VOI window (WindowCenter/WindowWidth, linear
+    function of PS3.3 C.11.2.1.2) maps values to 0..1 instead of the full stored range;
+    an image without a window keeps the full range.
+    """
     bits_stored = _check_bits(ds)
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -96,10 +101,22 @@ def projection_pixels(ds: pydicom.Dataset) -> np.ndarray:
     else:
         low_stored, high_stored = 0, 2**bits_stored - 1
     low, high = sorted((low_stored * slope + intercept, high_stored * slope + intercept))
+    if voi_window and "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
+        if width < 1:
+            raise PixelError(f"WindowWidth must be >= 1, got {width}")
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
     out = (values - np.float32(low)) * np.float32(1.0 / (high - low))
     if photometric == "MONOCHROME1":
         out = 1.0 - out
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _first_value(value: object) -> float:
+    """WindowCenter/Width may hold several windows; the first is the default."""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return float(value[0])  # type: ignore[index]
+    return float(value)  # type: ignore[arg-type]
 
 
 def seg_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:

@@ -53,7 +53,8 @@ def _setup(context: Context) -> _Setup:
     if site.threads:
         torch.set_num_threads(site.threads)
     config = RunConfig.from_mapping(context.run_config)
-    dataset = load_site_dataset(site.data_dir, site.work_dir, config.image_size)
+    dataset = load_site_dataset(site.data_dir, site.work_dir, config.image_size,
+                                voi_window=config.voi_window)
     algo = SegmentationAlgo(config, dataset, pick_device(site.device))
     return _Setup(
         site=site,

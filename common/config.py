@@ -85,6 +85,7 @@ class RunConfig:
     learning_rate: float
     optimizer: Optimizer
     image_size: int
+    voi_window: bool  # intensities through the image's own VOI window, not full range
     val_fraction: float
     seed: int
     round_timeout: float
@@ -112,6 +113,7 @@ class RunConfig:
             learning_rate=get.positive("learning-rate"),
             optimizer=get.choice("optimizer", Optimizer),
             image_size=get.integer("image-size", minimum=16),
+            voi_window=get.boolean("voi-window"),
             val_fraction=get.number("val-fraction"),
             seed=get.integer("seed", minimum=0),
             round_timeout=get.positive("round-timeout"),
@@ -166,6 +168,7 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "learning-rate": ("learning_rate",),
     "optimizer": ("optimizer",),
     "image-size": ("image_size",),
+    "voi-window": ("voi_window",),
     "val-fraction": ("val_fraction",),
     "seed": ("seed",),
     "round-timeout": ("round_timeout",),
@@ -190,6 +193,7 @@ _DEFAULTS: dict[str, Any] = {
     "learning-rate": 0.003,
     "optimizer": "adam",
     "image-size": 64,
+    "voi-window": False,
     "val-fraction": 0.25,
     "seed": 42,
     "round-timeout": 900.0,

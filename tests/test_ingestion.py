@@ -166,3 +166,29 @@ def test_labels_by_accession_number_and_bad_keys(phantom_sites, tmp_path) -> Non
     (tmp_path / "dup.csv").write_text("sop_instance_uid,x\n1.2,1\n1.2,0\n")
     with pytest.raises(LabelsError, match="line 3: sop_instance_uid value repeated"):
         load_labels(tmp_path / "dup.csv")
+
+
+def test_voi_window_when_the_task_asks_for_it(tmp_path) -> None:
+    from client.pixels import projection_pixels
+
+    style = SITE_STYLES[1]  # hospital-b: DX, MONOCHROME1, 12-bit, carries a VOI window
+    truth = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    patient = {"name": "A^B^ZZCANARY", "id": "CANARY-X", "birth": "19600101", "sex": "F",
+               "study_date": "20240101"}
+    ds = _image_dataset(style, np.random.default_rng(0), patient, truth, "1.2.3", 1)
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    ds.WindowCenter, ds.WindowWidth = 1024, 1024  # stored values 512..1535 span the window
+    full = projection_pixels(ds)
+    windowed = projection_pixels(ds, voi_window=True)
+    stored = ds.pixel_array.astype(np.float64)
+    expected = np.clip((stored - (1024 - 0.5 - 511.5)) / 1023, 0, 1)
+    assert np.abs(windowed - (1 - expected)).max() < 1e-4  # MONOCHROME1 still inverted
+    # Clipped tails: stored values above the window go to 0 (MONOCHROME1), below it to 1.
+    assert (windowed == 0).mean() == pytest.approx((stored >= 1535).mean(), abs=0.01)
+    assert (windowed == 1).mean() == pytest.approx((stored <= 512).mean(), abs=0.01)
+    assert (windowed == 1).mean() > 0.01
+    # Full range: at most the ramp's own end point sits at a bound, nothing is clipped.
+    assert (full == 0).mean() < 0.001 and full.max() < 0.95
+    del ds.WindowCenter, ds.WindowWidth
+    assert np.array_equal(projection_pixels(ds, voi_window=True), full)
