@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from client.dicom_scan import ImageRef, ScanResult, SegRef, Skipped, iter_files, scan_folder
-from client.pixels import PixelError, check_mask, projection_pixels, seg_pixels
+from client.pixels import PixelError, check_geometry, projection_pixels, seg_pixels
 
 LOG = logging.getLogger("fedrad.client")
 CACHE_VERSION = 1
@@ -102,7 +102,8 @@ def _pair(scan: ScanResult, decoded: _Decoded, image_size: int
             continue
         pixels = decoded.images[image.sop_instance_uid]
         try:
-            mask = check_mask(decoded.masks[image.sop_instance_uid], pixels.shape)
+            mask = decoded.masks[image.sop_instance_uid]
+            check_geometry(mask.shape, pixels.shape)
         except PixelError as exc:
             scan.skip(seg.path, str(exc))
             continue

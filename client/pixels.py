@@ -54,7 +54,11 @@ def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
 
 def frames(path: Path) -> np.ndarray:
     """Any object's pixels as float32 in modality units (CT in HU): (frames, rows, cols[, 3])."""
-    ds = _read(path)
+    return dataset_frames(_read(path))
+
+
+def dataset_frames(ds: pydicom.Dataset) -> np.ndarray:
+    """`frames` for a dataset already read."""
     if "PixelData" in ds:
         _check_bits(ds)
     values = stored_pixels(ds)
@@ -119,11 +123,6 @@ def _first_value(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def seg_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """Read a one-frame binary DICOM SEG as a uint8 mask; check it matches `shape`."""
-    return check_mask(seg_pixels(_read(path)), shape)
-
-
 def seg_pixels(ds: pydicom.Dataset) -> np.ndarray:
     """A one-frame binary SEG's mask (frames merged) as uint8."""
     mask = stored_pixels(ds)
@@ -132,11 +131,11 @@ def seg_pixels(ds: pydicom.Dataset) -> np.ndarray:
     return (mask > 0).astype(np.uint8)
 
 
-def check_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Refuse a mask whose geometry differs from its image's."""
-    if mask.shape != shape:
-        raise PixelError(f"SEG is {mask.shape[0]}x{mask.shape[1]}, image is {shape[0]}x{shape[1]}")
-    return mask
+def check_geometry(mask_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> None:
+    """Refuse a mask whose rows and columns differ from its image's."""
+    if tuple(mask_shape) != tuple(image_shape):
+        raise PixelError(f"SEG is {mask_shape[0]}x{mask_shape[1]}, "
+                         f"image is {image_shape[0]}x{image_shape[1]}")
 
 
 def probe(path: Path) -> tuple[str, str]:

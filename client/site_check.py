@@ -6,9 +6,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from client.dicom_scan import scan_folder
+import pydicom
+
+from client.dicom_scan import ImageRef, SegRef, scan_folder
 from client.labels import labelled_images, load_labels
-from client.pixels import PixelError, frames, seg_mask
+from client.pixels import PixelError, check_geometry, dataset_frames, seg_pixels
 from client.volumes import VolumeError, build_volume, group_series
 
 LABELS_FILE = "labels.csv"
@@ -17,15 +19,27 @@ LABELS_FILE = "labels.csv"
 def check_site(data: Path, labels_file: Path | None = None,
                labels_key: str = "sop_instance_uid") -> dict[str, Any]:
     """Scan and decode every image once; count what is usable and list what is not."""
-    scan = scan_folder(data)
-    images = {image.sop_instance_uid: image for image in scan.images}
-    decoded: dict[str, tuple[int, int]] = {}
-    for uid, image in images.items():
+    decoded: dict[str, tuple[int, int]] = {}  # image UID -> (rows, cols)
+    seg_shapes: dict[Path, tuple[int, int]] = {}
+    errors: dict[Path, str] = {}
+
+    def visit(kind: str, ref: ImageRef | SegRef, ds: pydicom.Dataset) -> None:
+        """Decode each file in the scan's own read (one read per file)."""
         try:
-            dims = frames(image.path).shape
-            decoded[uid] = (int(dims[1]), int(dims[2]))
+            if isinstance(ref, SegRef):
+                mask = seg_pixels(ds)
+                seg_shapes[ref.path] = (int(mask.shape[0]), int(mask.shape[1]))
+            else:
+                dims = dataset_frames(ds).shape
+                decoded[ref.sop_instance_uid] = (int(dims[1]), int(dims[2]))
         except PixelError as exc:
-            scan.skip(image.path, str(exc))
+            errors[ref.path] = str(exc)
+
+    scan = scan_folder(data, visit=visit)
+    images = {image.sop_instance_uid: image for image in scan.images}
+    for image in scan.images:
+        if image.path in errors:
+            scan.skip(image.path, errors[image.path])
     masks = 0
     for seg in scan.segs:
         shape = decoded.get(seg.referenced_sop_uid)
@@ -33,9 +47,11 @@ def check_site(data: Path, labels_file: Path | None = None,
             scan.skip(seg.path, "SEG references an image that is not in the data folder")
         elif shape is None:
             scan.skip(seg.path, "SEG references an image that could not be decoded")
+        elif seg.path in errors:
+            scan.skip(seg.path, errors[seg.path])
         else:
             try:
-                seg_mask(seg.path, shape)
+                check_geometry(seg_shapes[seg.path], shape)
                 masks += 1
             except PixelError as exc:
                 scan.skip(seg.path, str(exc))

@@ -192,3 +192,26 @@ def test_voi_window_when_the_task_asks_for_it(tmp_path) -> None:
     assert (full == 0).mean() < 0.001 and full.max() < 0.95
     del ds.WindowCenter, ds.WindowWidth
     assert np.array_equal(projection_pixels(ds, voi_window=True), full)
+
+
+def test_seg_with_other_geometry_is_refused(phantom_sites, tmp_path) -> None:
+    """A SEG whose image has other rows/columns is reported, never stretched to fit."""
+    source = phantom_sites["hospital-c"]
+    _, seg = _image_and_foreign_seg(source)
+    referenced = pydicom.dcmread(seg, stop_before_pixels=True)
+    uid = referenced.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0] \
+        .ReferencedSOPInstanceUID
+    small = _image_dataset(SITE_STYLES[2], np.random.default_rng(1),
+                           {"name": "A^B^ZZCANARY", "id": "CANARY-Y", "birth": "19600101",
+                            "sex": "M", "study_date": "20240101"},
+                           np.zeros((64, 64), np.float32), "1.2.3", 1)
+    small.SOPInstanceUID = small.file_meta.MediaStorageSOPInstanceUID = uid
+    root = tmp_path / "site"
+    root.mkdir()
+    small.save_as(root / "image.dcm", enforce_file_format=True)
+    shutil.copy(seg, root / "seg.dcm")
+    summary = check_site(root)
+    assert summary["images"] == 1 and summary["masks_matched"] == 0
+    assert summary["skipped"] == [{"file": "seg.dcm", "reason": "SEG is 128x128, image is 64x64"}]
+    with pytest.raises(ValueError, match="no usable image/mask pairs"):
+        load_site_dataset(root, tmp_path / "work", 32)
