@@ -3,8 +3,10 @@
 Usage: python bench/ingest.py [DATA]   (default ../shared/data/cxr, one sub-folder per site)
 
 fedrad's first pass = `load_site_dataset` on every site with an empty work folder: one read
-per file, header checks, PHI collection, pixel decoding (Modality LUT, MONOCHROME1), SEG
-pairing, resizing to 128 px and writing the cache. The baseline is the limit on this machine:
+per file, its content hash, header checks, PHI collection, pixel decoding (Modality LUT,
+MONOCHROME1), resizing to 128 px, SEG pairing and writing the content-hashed cache. It runs
+with one process (the default) and, as a second figure, with one worker per CPU
+(node config `ingest-workers`). The baseline is the limit on this machine:
 `pydicom.dcmread(f).pixel_array` over the same DICOM files. Both are timed alternately, best
 of REPEATS, in one process. MONAI's `LoadImage(reader="PydicomReader")` is timed as well.
 The last line is `ingest_over_raw=<fedrad files/s / raw files/s>`.
@@ -12,6 +14,7 @@ The last line is `ingest_over_raw=<fedrad files/s / raw files/s>`.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -33,7 +36,8 @@ def main() -> None:
         "shared" / "data" / "cxr"
     sites = sorted(p for p in root.iterdir() if p.is_dir())
     files = [f for f in iter_files(root) if f.name not in NON_DICOM_NAMES]
-    raw_best = first_best = cached_best = float("inf")
+    workers = os.cpu_count() or 1
+    raw_best = first_best = cached_best = parallel_best = float("inf")
     for _ in range(REPEATS):
         start = time.perf_counter()
         for path in files:
@@ -48,6 +52,11 @@ def main() -> None:
         for site in sites:
             load_site_dataset(site, work / site.name, SIZE)
         cached_best = min(cached_best, time.perf_counter() - start)
+        work = Path(tempfile.mkdtemp())
+        start = time.perf_counter()
+        for site in sites:
+            load_site_dataset(site, work / site.name, SIZE, workers=workers)
+        parallel_best = min(parallel_best, time.perf_counter() - start)
     from monai.transforms import LoadImage
 
     loader = LoadImage(reader="PydicomReader", image_only=True)
@@ -63,10 +72,12 @@ def main() -> None:
     print(f"files={n} sites={len(sites)} repeats={REPEATS} (best of)")
     print(f"raw pydicom    {n / raw_best:8.1f} files/s")
     print(f"fedrad first   {n / first_best:8.1f} files/s")
+    print(f"fedrad first, {workers} workers {n / parallel_best:8.1f} files/s")
     print(f"fedrad cached  {n / cached_best:8.1f} files/s")
     print(f"monai LoadImage{n / monai:8.1f} files/s (single run; {failures} files it "
           "could not read; raw values, no MONOCHROME1 or bit-depth handling)")
     print(f"monai_over_raw={raw_best / monai:.3f}")
+    print(f"ingest_over_raw_{workers}_workers={raw_best / parallel_best:.3f}")
     print(f"cached_speedup={first_best / cached_best:.1f}")
     print(f"ingest_over_raw={raw_best / first_best:.3f}")
 

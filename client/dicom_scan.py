@@ -9,17 +9,20 @@ stay in memory at the site.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
+from client.header import text
 from client.pixels import PIXEL_KEYWORDS
 
 LOG = logging.getLogger("fedrad.client")
@@ -95,8 +98,37 @@ class ScanResult:
     phi_values: set[str] = field(default_factory=set)
     phi_fields: int = 0
 
+    _seen: dict[str, Path] = field(default_factory=dict, repr=False)
+
     def skip(self, path: Path, reason: str) -> None:
         self.skipped.append(Skipped(file=str(path.relative_to(self.root)), reason=reason))
+
+    def add(self, path: Path, note: FileNote) -> None:
+        """Take one file's note, in scan order (the first copy of a SOP Instance wins)."""
+        if note.kind == "ignore":
+            return
+        if note.sop_instance_uid:
+            if note.sop_instance_uid in self._seen:
+                self.skip(path, "duplicate SOPInstanceUID (first copy kept)")
+                return
+            self._seen[note.sop_instance_uid] = path
+            self.phi_values.update(note.phi_values)
+            self.phi_fields += note.phi_fields
+        if note.kind == "skip":
+            self.skip(path, note.reason)
+        elif note.kind == "image":
+            self.images.append(note.image_ref(path))
+        elif note.kind == "seg":
+            self.segs.append(note.seg_ref(path))
+        else:
+            self.other_objects[note.modality] += 1
+
+    def log(self) -> None:
+        LOG.info(
+            "scan: %d images, %d SEG, %d other objects, %d skipped",
+            len(self.images), len(self.segs), sum(self.other_objects.values()),
+            len(self.skipped),
+        )
 
 
 def patient_key(patient_id: str) -> str:
@@ -107,123 +139,190 @@ def patient_key(patient_id: str) -> str:
 _PHI_TAGS = tuple((keyword, tag_for_keyword(keyword)) for keyword in PHI_KEYWORDS)
 
 
-def _collect_phi(ds: pydicom.Dataset, result: ScanResult) -> None:
-    """Identifier values from the raw header bytes (no value conversion: it is the hot path)."""
-    encoding = "utf-8" if "ISO_IR 192" in str(ds.get("SpecificCharacterSet", "")) else "latin-1"
+def _encoding(ds: pydicom.Dataset) -> str:
+    """The Python codec for the dataset's person names and IDs (UTF-8 or Latin-1)."""
+    return "utf-8" if "ISO_IR 192" in text(ds, 0x00080005) else "latin-1"
+
+
+def _phi(ds: pydicom.Dataset) -> tuple[tuple[str, ...], int]:
+    """Identifier values from the raw header bytes, and how many fields held one."""
+    encoding = _encoding(ds)
+    values: set[str] = set()
+    fields = 0
     for keyword, tag in _PHI_TAGS:
-        if tag is None or tag not in ds:
+        if tag is None:
             continue
-        raw = ds.get_item(tag)
-        value = raw.value if raw is not None else None
-        if isinstance(value, bytes):
-            text = value.decode(encoding, errors="replace").strip(" \x00")
-        elif value is None:
+        value = text(ds, tag, encoding)
+        if not value:
             continue
-        else:
-            text = str(value)
-        if not text:
-            continue
-        result.phi_fields += 1
-        for item in text.split("\\"):
-            result.phi_values.add(item)
+        fields += 1
+        for item in value.split("\\"):
+            values.add(item)
             if keyword.endswith("Name"):
-                result.phi_values.update(
+                values.update(
                     part for group in item.split("=") for part in group.split("^")
                     if len(part) >= 4
                 )
+    return tuple(sorted(values)), fields
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A regular file under the data folder and the stat values that date its content."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+def walk_files(root: Path) -> list[FileEntry]:
+    """Every regular file under root with its size and mtime, in a stable order."""
+    found: list[FileEntry] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subfolders = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                subfolders.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=True):
+                stat = entry.stat()
+                found.append(FileEntry(Path(entry.path), stat.st_size, stat.st_mtime_ns))
+        stack.extend(reversed(subfolders))
+    return found
 
 
 def iter_files(root: Path) -> list[Path]:
     """Every regular file under root, in a stable order."""
-    found: list[Path] = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            found.append(Path(folder) / name)
-    return found
+    return [entry.path for entry in walk_files(root)]
 
 
-Visitor = Callable[[str, "ImageRef | SegRef", pydicom.Dataset], None]
+# (kind, reference, dataset): kind "image" or "seg" with the file's dataset, or "nifti"
+# (a mask kept as NIfTI) with None: the visitor reads it from the reference's path.
+Visitor = Callable[[str, "ImageRef | SegRef", pydicom.Dataset | None], None]
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class FileNote:
+    """What one file holds, as far as a scan cares: replayable while its content is unchanged.
+
+    `kind` is "image", "seg" (a DICOM SEG, or a NIfTI mask named after the
+    SOPInstanceUID of the image it segments: `<uid>.nii[.gz]`), "other" (SR, RT,
+    waveform: nothing to decode), "skip" (with `reason`) or "ignore" (DICOMDIR,
+    labels.csv).
+    """
+
+    kind: str
+    reason: str = ""
+    sop_class: str = ""
+    sop_instance_uid: str = ""
+    series_uid: str = ""
+    study_uid: str = ""
+    patient_key: str = ""
+    modality: str = ""
+    transfer_syntax: str = ""
+    accession_number: str = ""  # site-local join key for labels; never sent
+    referenced_sop_uid: str = ""
+    phi_values: tuple[str, ...] = ()
+    phi_fields: int = 0
+
+    def image_ref(self, path: Path) -> ImageRef:
+        return ImageRef(path, self.sop_instance_uid, self.series_uid, self.study_uid,
+                        self.patient_key, self.modality, self.transfer_syntax,
+                        self.accession_number)
+
+    def seg_ref(self, path: Path) -> SegRef:
+        return SegRef(path, self.sop_instance_uid, self.referenced_sop_uid)
+
+
+def examine(path: Path, data: bytes | None = None, visit: Visitor | None = None) -> FileNote:
+    """Read one file (from `data` when the caller already holds its bytes) and describe it.
+
+    With `visit`, the whole file is read and each image or SEG dataset is handed to
+    `visit`, so the caller decodes pixels from this same read. Never raises on bad input.
+    """
+    if path.name in NON_DICOM_NAMES:
+        return FileNote("ignore")
+    if path.name.endswith(NIFTI_SUFFIXES):
+        return _nifti_note(path, visit)
+    if (len(data) if data is not None else path.stat().st_size) == 0:
+        return FileNote("skip", "empty file (0 bytes)")
+    try:
+        if data is not None:
+            ds = pydicom.dcmread(io.BytesIO(data))
+        else:
+            ds = pydicom.dcmread(path, defer_size=None if visit else "2 KB")
+    except InvalidDicomError:
+        return FileNote("skip", "not a DICOM file (no DICM preamble or valid header)")
+    except Exception as exc:  # noqa: BLE001 - one bad file never stops the scan
+        return FileNote("skip", f"unreadable DICOM header ({type(exc).__name__})")
+    sop_class = text(ds, 0x00080016)
+    sop_uid = text(ds, 0x00080018)
+    if sop_class == MEDIA_DIRECTORY or path.name == "DICOMDIR":
+        return FileNote("ignore")
+    if not sop_class or not sop_uid:
+        return FileNote("skip", "missing SOPClassUID or SOPInstanceUID")
+    phi_values, phi_fields = _phi(ds)
+    base: dict[str, Any] = {"sop_class": sop_class, "sop_instance_uid": sop_uid,
+            "phi_values": phi_values, "phi_fields": phi_fields}
+    if sop_class == SEG_STORAGE:
+        note = _seg_note(ds, base)
+        if visit and note.kind == "seg":
+            visit("seg", note.seg_ref(path), ds)
+        return note
+    if any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        note = _image_note(ds, base)
+        if visit:
+            visit("image", note.image_ref(path), ds)
+        return note
+    if sop_class in IMAGE_CLASSES:
+        return FileNote("skip", "image object without PixelData", **base)
+    return FileNote("other", modality=text(ds, 0x00080060) or sop_class, **base)
 
 
 def scan_folder(root: Path, visit: Visitor | None = None) -> ScanResult:
-    """Read every file's header under `root` and sort images, SEGs and the rest.
-
-    With `visit`, each file is read whole, once, and every image ("image") and SEG
-    ("seg") dataset is handed to `visit` as it is found, so a caller can decode
-    pixels in the same pass instead of reading the file again.
-    """
+    """Read every file under `root` once and sort images, SEGs and the rest (see `examine`)."""
     result = ScanResult(root=root)
-    defer = None if visit else "2 KB"
-    seen: dict[str, Path] = {}
     for path in iter_files(root):
-        if path.name in NON_DICOM_NAMES:
-            continue
-        if path.stat().st_size == 0:
-            result.skip(path, "empty file (0 bytes)")
-            continue
-        try:
-            ds = pydicom.dcmread(path, defer_size=defer)
-        except InvalidDicomError:
-            result.skip(path, "not a DICOM file (no DICM preamble or valid header)")
-            continue
-        except Exception as exc:  # noqa: BLE001 - one bad file never stops the scan
-            result.skip(path, f"unreadable DICOM header ({type(exc).__name__})")
-            continue
-        sop_class = str(ds.get("SOPClassUID", ""))
-        sop_uid = str(ds.get("SOPInstanceUID", ""))
-        if sop_class == MEDIA_DIRECTORY or path.name == "DICOMDIR":
-            continue
-        if not sop_class or not sop_uid:
-            result.skip(path, "missing SOPClassUID or SOPInstanceUID")
-            continue
-        if sop_uid in seen:
-            result.skip(path, "duplicate SOPInstanceUID (first copy kept)")
-            continue
-        seen[sop_uid] = path
-        _collect_phi(ds, result)
-        if sop_class == SEG_STORAGE:
-            _add_seg(ds, path, result)
-            if visit and result.segs and result.segs[-1].path == path:
-                visit("seg", result.segs[-1], ds)
-        elif any(keyword in ds for keyword in PIXEL_KEYWORDS):
-            _add_image(ds, path, sop_class, result)
-            if visit:
-                visit("image", result.images[-1], ds)
-        elif sop_class in IMAGE_CLASSES:
-            result.skip(path, "image object without PixelData")
-        else:  # SR, waveforms, RT plans...: nothing to decode
-            result.other_objects[str(ds.get("Modality", "") or sop_class)] += 1
-    LOG.info(
-        "scan: %d images, %d SEG, %d other objects, %d skipped",
-        len(result.images), len(result.segs), sum(result.other_objects.values()),
-        len(result.skipped),
-    )
+        result.add(path, examine(path, visit=visit))
+    result.log()
     return result
 
 
-def _add_image(ds: pydicom.Dataset, path: Path, sop_class: str, result: ScanResult) -> None:
-    result.images.append(
-        ImageRef(
-            path=path,
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            series_uid=str(ds.get("SeriesInstanceUID", "")),
-            study_uid=str(ds.get("StudyInstanceUID", "")),
-            patient_key=patient_key(str(ds.get("PatientID", ""))),
-            modality=str(ds.get("Modality", "") or IMAGE_CLASSES.get(sop_class, "OT")),
-            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
-            accession_number=str(ds.get("AccessionNumber", "")),
-        )
+def _image_note(ds: pydicom.Dataset, base: dict[str, Any]) -> FileNote:
+    encoding = _encoding(ds)
+    meta = getattr(ds, "file_meta", None)
+    return FileNote(
+        "image",
+        series_uid=text(ds, 0x0020000E),
+        study_uid=text(ds, 0x0020000D),
+        patient_key=patient_key(text(ds, 0x00100020, encoding)),
+        modality=text(ds, 0x00080060) or IMAGE_CLASSES.get(base["sop_class"], "OT"),
+        transfer_syntax=text(meta, 0x00020010) if meta is not None else "",
+        accession_number=text(ds, 0x00080050, encoding),
+        **base,
     )
 
 
-def _add_seg(ds: pydicom.Dataset, path: Path, result: ScanResult) -> None:
+def _nifti_note(path: Path, visit: Visitor | None) -> FileNote:
+    referenced = path.name.removesuffix(".gz").removesuffix(".nii")
+    if not referenced or not set(referenced) <= set("0123456789."):
+        return FileNote("skip", "NIfTI file not named <SOPInstanceUID>.nii[.gz] of the image "
+                                "it segments; rename it after that image's SOPInstanceUID")
+    note = FileNote("seg", sop_class="nifti", referenced_sop_uid=referenced)
+    if visit:
+        visit("nifti", note.seg_ref(path), None)
+    return note
+
+
+def _seg_note(ds: pydicom.Dataset, base: dict[str, Any]) -> FileNote:
     try:
         ref = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
         referenced = str(ref.ReferencedSOPInstanceUID)
     except (AttributeError, IndexError):
-        result.skip(path, "SEG without ReferencedSeriesSequence/ReferencedInstanceSequence")
-        return
-    result.segs.append(
-        SegRef(path=path, sop_instance_uid=str(ds.SOPInstanceUID), referenced_sop_uid=referenced)
-    )
+        return FileNote("skip", "SEG without ReferencedSeriesSequence/ReferencedInstanceSequence",
+                        **base)
+    return FileNote("seg", referenced_sop_uid=referenced, **base)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.pixels import apply_modality_lut
+
+from client.header import fast_pixels, first_number, text, uint16
 
 
 class PixelError(ValueError):
@@ -24,8 +28,11 @@ def _read(path: Path) -> pydicom.Dataset:
 
 
 def _check_bits(ds: pydicom.Dataset) -> int:
-    bits_stored = int(ds.get("BitsStored", 0))
-    bits_allocated = int(ds.get("BitsAllocated", 0))
+    try:
+        bits_stored = uint16(ds, 0x00280101) or 0
+        bits_allocated = uint16(ds, 0x00280100) or 0
+    except (ValueError, TypeError) as exc:
+        raise PixelError("BitsAllocated/BitsStored cannot be read") from exc
     if bits_allocated not in (1, 8, 16, 32, 64) or not 0 < bits_stored <= bits_allocated:
         raise PixelError(
             f"unsupported BitsAllocated/BitsStored {bits_allocated}/{bits_stored}"
@@ -37,6 +44,12 @@ def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
     """Decode the stored values of every frame; a failure says which decoder is missing."""
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise PixelError("object has no pixel data")
+    try:
+        array = fast_pixels(ds)
+    except Exception:  # noqa: BLE001 - pydicom's ordinary path below gives the reason
+        array = None
+    if array is not None:
+        return array
     try:
         return np.asarray(ds.pixel_array)
     except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
@@ -86,7 +99,7 @@ def projection_pixels(ds: pydicom.Dataset, *, voi_window: bool = False) -> np.nd
     an image without a window keeps the full range.
     """
     bits_stored = _check_bits(ds)
-    photometric = str(ds.get("PhotometricInterpretation", ""))
+    photometric = text(ds, 0x00280004)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise PixelError(
             f"expected a grayscale image, got PhotometricInterpretation {photometric!r}"
@@ -94,19 +107,29 @@ def projection_pixels(ds: pydicom.Dataset, *, voi_window: bool = False) -> np.nd
     stored = stored_pixels(ds)
     if stored.ndim != 2:
         raise PixelError(f"expected one 2D frame, got array of shape {stored.shape}")
-    slope = float(ds.get("RescaleSlope", 1.0))
-    intercept = float(ds.get("RescaleIntercept", 0.0))
-    if slope == 1.0 and intercept == 0.0 and "ModalityLUTSequence" not in ds:
-        values = stored.astype(np.float32)  # identity Modality LUT: skip the float64 pass
-    else:
+    try:
+        slope = first_number(ds, 0x00281053)
+        intercept = first_number(ds, 0x00281052)
+        signed = uint16(ds, 0x00280103) == 1
+    except (ValueError, TypeError) as exc:
+        raise PixelError("RescaleSlope/RescaleIntercept/PixelRepresentation cannot be read") \
+            from exc
+    slope = 1.0 if slope is None else slope
+    intercept = 0.0 if intercept is None else intercept
+    if "ModalityLUTSequence" in ds:
         values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    if int(ds.get("PixelRepresentation", 0)) == 1:
+    else:  # the linear Modality LUT of PS3.3 C.11.1
+        values = stored.astype(np.float32)
+        if slope != 1.0 or intercept != 0.0:
+            values = values * np.float32(slope) + np.float32(intercept)
+    if signed:
         low_stored, high_stored = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
     else:
         low_stored, high_stored = 0, 2**bits_stored - 1
     low, high = sorted((low_stored * slope + intercept, high_stored * slope + intercept))
-    if voi_window and "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
+    center = first_number(ds, 0x00281050) if voi_window else None
+    width = first_number(ds, 0x00281051) if voi_window else None
+    if center is not None and width is not None:
         if width < 1:
             raise PixelError(f"WindowWidth must be >= 1, got {width}")
         low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
@@ -114,13 +137,6 @@ def projection_pixels(ds: pydicom.Dataset, *, voi_window: bool = False) -> np.nd
     if photometric == "MONOCHROME1":
         out = 1.0 - out
     return np.clip(out, 0.0, 1.0, out=out)
-
-
-def _first_value(value: object) -> float:
-    """WindowCenter/Width may hold several windows; the first is the default."""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return float(value[0])  # type: ignore[index]
-    return float(value)  # type: ignore[arg-type]
 
 
 def seg_pixels(ds: pydicom.Dataset) -> np.ndarray:
@@ -131,10 +147,34 @@ def seg_pixels(ds: pydicom.Dataset) -> np.ndarray:
     return (mask > 0).astype(np.uint8)
 
 
+def nifti_mask(path: Path) -> np.ndarray:
+    """A 2D mask a site keeps as NIfTI (.nii or .nii.gz), as rows x columns uint8.
+
+    NIfTI voxel axes (i, j) are the image's (column, row), as ITK, MONAI and
+    dcm2niix write a 2D DICOM image; a third axis of length 1 is allowed.
+    """
+    import nibabel as nib
+
+    try:
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        image = nib.Nifti1Image.from_bytes(data)
+        array = np.asarray(image.dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel and gzip raise many types
+        raise PixelError(f"NIfTI mask cannot be read ({type(exc).__name__}); expected a "
+                         "NIfTI-1 file, optionally gzip-compressed") from exc
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim != 2:
+        raise PixelError(f"expected a 2D NIfTI mask (i=column, j=row), got shape {array.shape}")
+    return (array.T > 0).astype(np.uint8)
+
+
 def check_geometry(mask_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> None:
     """Refuse a mask whose rows and columns differ from its image's."""
     if tuple(mask_shape) != tuple(image_shape):
-        raise PixelError(f"SEG is {mask_shape[0]}x{mask_shape[1]}, "
+        raise PixelError(f"mask is {mask_shape[0]}x{mask_shape[1]}, "
                          f"image is {image_shape[0]}x{image_shape[1]}")
 
 
@@ -153,3 +193,38 @@ def probe(path: Path) -> tuple[str, str]:
     except PixelError as exc:
         return "fails", str(exc)
     return "ok", ""
+
+
+@lru_cache(maxsize=64)
+def _area_taps(n_in: int, n_out: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input index, weight) per tap: output cell i averages input cells
+    floor(i*n_in/n_out) .. ceil((i+1)*n_in/n_out) - 1, as torch's adaptive pooling."""
+    cells = np.arange(n_out)
+    start, stop = (cells * n_in) // n_out, -((-(cells + 1) * n_in) // n_out)
+    width = stop - start
+    return [
+        (np.minimum(start + k, n_in - 1), np.where(k < width, 1.0 / width, 0.0).astype(np.float32))
+        for k in range(int(width.max()))
+    ]
+
+
+def _area_rows(values: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros((size, values.shape[1]), np.float32)
+    for index, weight in _area_taps(values.shape[0], size):
+        out += values[index] * weight[:, None]
+    return out
+
+
+def resize_area(image: np.ndarray, size: int) -> np.ndarray:
+    """Area (box-average) resize of a 2D image to size x size; equals torch's mode="area".
+
+    A few weighted gathers per axis (each output cell covers at most
+    ceil(n_in/size) + 1 inputs): no BLAS, no threads, cheap in ingestion workers.
+    """
+    return _area_rows(_area_rows(image.astype(np.float32, copy=False), size).T, size).T.copy()
+
+
+def resize_nearest(mask: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of a 2D mask; equals torch's mode="nearest"."""
+    rows, cols = mask.shape
+    return mask[(np.arange(size) * rows) // size][:, (np.arange(size) * cols) // size]

@@ -10,7 +10,7 @@ import pydicom
 
 from client.dicom_scan import ImageRef, SegRef, scan_folder
 from client.labels import labelled_images, load_labels
-from client.pixels import PixelError, check_geometry, dataset_frames, seg_pixels
+from client.pixels import PixelError, check_geometry, dataset_frames, nifti_mask, seg_pixels
 from client.volumes import VolumeError, build_volume, group_series
 
 LABELS_FILE = "labels.csv"
@@ -23,13 +23,13 @@ def check_site(data: Path, labels_file: Path | None = None,
     seg_shapes: dict[Path, tuple[int, int]] = {}
     errors: dict[Path, str] = {}
 
-    def visit(kind: str, ref: ImageRef | SegRef, ds: pydicom.Dataset) -> None:
+    def visit(kind: str, ref: ImageRef | SegRef, ds: pydicom.Dataset | None) -> None:
         """Decode each file in the scan's own read (one read per file)."""
         try:
             if isinstance(ref, SegRef):
-                mask = seg_pixels(ds)
+                mask = nifti_mask(ref.path) if ds is None else seg_pixels(ds)
                 seg_shapes[ref.path] = (int(mask.shape[0]), int(mask.shape[1]))
-            else:
+            elif ds is not None:
                 dims = dataset_frames(ds).shape
                 decoded[ref.sop_instance_uid] = (int(dims[1]), int(dims[2]))
         except PixelError as exc:

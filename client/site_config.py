@@ -16,7 +16,7 @@ from common.config import ConfigError
 
 _ALLOWED = {
     "site-id", "data-dir", "work-dir", "epsilon-budget", "labels-file", "labels-key", "device",
-    "threads"
+    "threads", "ingest-workers"
 }
 _SITE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -33,6 +33,7 @@ class SiteConfig:
     labels_key: str
     device: str
     threads: int  # torch CPU threads; 0 = torch's default
+    ingest_workers: int = 1  # processes that decode files not yet in the cache
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> SiteConfig:
@@ -70,6 +71,9 @@ class SiteConfig:
         threads = raw.get("threads", 0)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise ConfigError(f"threads must be an integer >= 0, got {threads!r}")
+        workers = raw.get("ingest-workers", 1)
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+            raise ConfigError(f"ingest-workers must be an integer 1..64, got {workers!r}")
         labels = raw.get("labels-file")
         return cls(
             site_id=site_id,
@@ -80,4 +84,5 @@ class SiteConfig:
             labels_key=str(raw.get("labels-key", "sop_instance_uid")),
             device=device,
             threads=threads,
+            ingest_workers=workers,
         )

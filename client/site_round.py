@@ -54,7 +54,7 @@ def _setup(context: Context) -> _Setup:
         torch.set_num_threads(site.threads)
     config = RunConfig.from_mapping(context.run_config)
     dataset = load_site_dataset(site.data_dir, site.work_dir, config.image_size,
-                                voi_window=config.voi_window)
+                                voi_window=config.voi_window, workers=site.ingest_workers)
     algo = SegmentationAlgo(config, dataset, pick_device(site.device))
     return _Setup(
         site=site,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from pathlib import Path
@@ -118,19 +119,57 @@ def test_hostile_inputs_are_reported_and_the_scan_completes(phantom_sites, tmp_p
     assert len(summary["skipped"]) == len(expected)
 
 
+def _shard_batches(work: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((work / "cache" / "shards").rglob("*.json"),
+                                                      key=lambda p: p.stat().st_mtime_ns)]
+
+
 def test_cache_is_reused_and_invalidated(phantom_sites, tmp_path) -> None:
-    folder = tmp_path / "site"
+    folder, work = tmp_path / "site", tmp_path / "work"
     shutil.copytree(phantom_sites["hospital-c"], folder)
-    first = load_site_dataset(folder, tmp_path / "work", 64)
-    second = load_site_dataset(folder, tmp_path / "work", 64)
+    first = load_site_dataset(folder, work, 64)
+    second = load_site_dataset(folder, work, 64)
     assert np.array_equal(first.images, second.images)
     assert first.content_hash == second.content_hash
-    assert len(list((tmp_path / "work" / "cache").glob("*.npz"))) == 1
-    victim = next(p for p in folder.rglob("*.dcm"))
+    assert len(_shard_batches(work)) == 1 and len(list(work.glob("cache/datasets/*.json"))) == 1
+    # Touched (new mtime, same bytes): recognised by content, nothing decoded again.
+    victim = sorted(folder.rglob("*.dcm"))[0]
     os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
-    load_site_dataset(folder, tmp_path / "work", 64)
-    load_site_dataset(folder, tmp_path / "work", 32)  # a preprocessing change
-    assert len(list((tmp_path / "work" / "cache").glob("*.npz"))) == 3
+    assert load_site_dataset(folder, work, 64).content_hash == first.content_hash
+    assert len(_shard_batches(work)) == 1 and len(list(work.glob("cache/datasets/*.json"))) == 1
+    # One file's content changes (same size): only that file is decoded again.
+    ds = pydicom.dcmread(victim)
+    if ds.SOPClassUID == SEG_STORAGE:
+        ds.SeriesDescription = (str(ds.get("SeriesDescription", "")) + "x")[:1]
+    ds.InstanceNumber = int(ds.get("InstanceNumber", 1) or 1) + 1
+    ds.save_as(victim)
+    load_site_dataset(folder, work, 64)
+    batches = _shard_batches(work)
+    assert len(batches) == 2 and len(batches[-1]) == 1
+    assert len(list(work.glob("cache/datasets/*.json"))) == 2
+    # A new file: only it is decoded; a preprocessing change: a new settings folder.
+    shutil.copy(victim, folder / "copy-of-a-file")  # a duplicate SOP Instance, reported
+    grown = load_site_dataset(folder, work, 64)
+    duplicates = [s.file for s in grown.skipped if "duplicate SOPInstanceUID" in s.reason]
+    assert len(duplicates) == 1 and duplicates[0] in {"copy-of-a-file",
+                                                      str(victim.relative_to(folder))}
+    assert len(_shard_batches(work)) == 2  # same bytes as a known file: nothing decoded
+    smaller = load_site_dataset(folder, work, 32)
+    assert smaller.images.shape[-1] == 32
+    assert len(list((work / "cache" / "shards").iterdir())) == 2
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (work / "cache").rglob("*.json"))
+
+
+def test_worker_processes_give_the_same_dataset(phantom_sites, tmp_path, monkeypatch) -> None:
+    import client.dataset
+
+    monkeypatch.setattr(client.dataset, "PARALLEL_MIN_FILES_PER_WORKER", 4)  # 25 files
+    folder = phantom_sites["hospital-b"]  # MONOCHROME1, 12-bit RLE
+    one = load_site_dataset(folder, tmp_path / "one", 48, workers=1)
+    many = load_site_dataset(folder, tmp_path / "many", 48, workers=3)
+    assert one.content_hash == many.content_hash
+    assert np.array_equal(one.images, many.images) and np.array_equal(one.groups, many.groups)
+    assert one.phi_values == many.phi_values and one.skipped == many.skipped
 
 
 def test_split_keeps_each_patient_on_one_side(phantom_sites, tmp_path) -> None:
@@ -212,6 +251,42 @@ def test_seg_with_other_geometry_is_refused(phantom_sites, tmp_path) -> None:
     shutil.copy(seg, root / "seg.dcm")
     summary = check_site(root)
     assert summary["images"] == 1 and summary["masks_matched"] == 0
-    assert summary["skipped"] == [{"file": "seg.dcm", "reason": "SEG is 128x128, image is 64x64"}]
+    assert summary["skipped"] == [{"file": "seg.dcm", "reason": "mask is 128x128, image is 64x64"}]
     with pytest.raises(ValueError, match="no usable image/mask pairs"):
         load_site_dataset(root, tmp_path / "work", 32)
+
+
+def test_masks_kept_as_nifti_pair_like_dicom_seg(phantom_sites, tmp_path) -> None:
+    """A site that keeps masks as <SOPInstanceUID>.nii[.gz] gets the same training pairs."""
+    import nibabel as nib
+
+    from client.pixels import seg_pixels
+
+    source = phantom_sites["hospital-a"]
+    with_seg = load_site_dataset(source, tmp_path / "seg-work", 64)
+    folder = tmp_path / "site"
+    shutil.copytree(source, folder)
+    segs = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "labels.csv"
+            and pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == SEG_STORAGE]
+    for number, seg in enumerate(segs):
+        ds = pydicom.dcmread(seg)
+        uid = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0] \
+            .ReferencedSOPInstanceUID
+        voxels = seg_pixels(ds).T[:, :, None]  # NIfTI (i, j) = (column, row)
+        suffix = ".nii.gz" if number % 2 else ".nii"
+        nib.save(nib.Nifti1Image(voxels, np.eye(4)), str(seg.parent / f"{uid}{suffix}"))
+        seg.unlink()
+    (folder / "notes.nii").write_bytes(b"not named after an image")
+    with_nifti = load_site_dataset(folder, tmp_path / "nifti-work", 64)
+    assert np.array_equal(with_nifti.masks, with_seg.masks)
+    assert np.array_equal(with_nifti.images, with_seg.images)
+    assert [s.file for s in with_nifti.skipped] == ["notes.nii"]
+    assert "rename it after that image's SOPInstanceUID" in with_nifti.skipped[0].reason
+    summary = check_site(folder)
+    assert summary["masks_matched"] == 12 and len(summary["skipped"]) == 1
+    # A NIfTI mask of other geometry is reported like a SEG of other geometry.
+    victim = sorted(folder.rglob("*.nii.gz"))[0]
+    nib.save(nib.Nifti1Image(np.ones((10, 12, 1), np.uint8), np.eye(4)), str(victim))
+    summary = check_site(folder)
+    assert summary["masks_matched"] == 11
+    assert any(s["reason"] == "mask is 12x10, image is 128x128" for s in summary["skipped"])
