@@ -7,7 +7,7 @@ the header identifiers the PHI guard needs):
   A file whose size and mtime are unchanged keeps its hash; any other file is
   hashed again when it is read, so a touched or copied file whose bytes are the
   same is still recognised.
-- `shards/<settings>/<batch>.npz|.json`: per file, keyed by content hash, what the
+- `shards/<settings>/<batch>.json|.<dtype>.npy`: per file, keyed by content hash, what the
   scan found (`FileNote`) and the preprocessed array. A pass that meets new files
   decodes only those and writes one new shard with them.
 - `datasets/<key>.json`: how one exact set of (path, content hash) pairs and settings
@@ -26,7 +26,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -44,9 +43,9 @@ def _write_private(path: Path, payload: bytes) -> None:
     tmp.replace(path)
 
 
-def _write_npz(path: Path, arrays: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
     tmp.chmod(0o600)
     tmp.replace(path)
 
@@ -54,9 +53,8 @@ def _write_npz(path: Path, arrays: dict[str, Any]) -> None:
 class ContentIndex:
     """Data-folder path -> content hash, trusted while size and mtime are unchanged."""
 
-    def __init__(self, cache_dir: Path, root: Path) -> None:
+    def __init__(self, cache_dir: Path) -> None:
         self._path = cache_dir / "index.json"
-        self._root = root
         try:
             self._entries: dict[str, list] = json.loads(self._path.read_text())
         except (OSError, ValueError):
@@ -65,19 +63,18 @@ class ContentIndex:
 
     def known(self, entry: FileEntry) -> str | None:
         """The file's content hash when its size and mtime match what was hashed."""
-        row = self._entries.get(str(entry.path.relative_to(self._root)))
+        row = self._entries.get(entry.rel)
         if row and row[0] == entry.size and row[1] == entry.mtime_ns:
             return str(row[2])
         return None
 
     def record(self, entry: FileEntry, digest: str) -> None:
-        self._entries[str(entry.path.relative_to(self._root))] = [entry.size, entry.mtime_ns,
-                                                                  digest]
+        self._entries[entry.rel] = [entry.size, entry.mtime_ns, digest]
         self._changed = True
 
     def save(self, present: Iterable[FileEntry]) -> None:
         """Persist, forgetting files that are gone."""
-        keep = {str(entry.path.relative_to(self._root)) for entry in present}
+        keep = {entry.rel for entry in present}
         if self._changed or set(self._entries) - keep:
             self._entries = {k: v for k, v in self._entries.items() if k in keep}
             self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,80 +91,88 @@ class Shard:
     array: np.ndarray | None
 
 
+Location = tuple[str, str, int]  # (batch, dtype, row) of one shard's array
+
+
+def _stack_path(folder: Path, batch: str, dtype: str) -> Path:
+    return folder / f"{batch}.{dtype}.npy"
+
+
+def read_rows(folder: Path, locations: list[Location]) -> np.ndarray | None:
+    """The arrays at these locations, stacked in order (memory-mapped reads); None if gone."""
+    stacks: dict[tuple[str, str], np.ndarray] = {}
+    try:
+        for batch, dtype, _ in locations:
+            if (batch, dtype) not in stacks:
+                stacks[batch, dtype] = np.load(_stack_path(folder, batch, dtype), mmap_mode="r")
+        return np.stack([stacks[batch, dtype][row] for batch, dtype, row in locations])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class ShardStore:
-    """Per-file shards for one set of preprocessing settings, keyed by content hash."""
+    """Per-file shards for one set of preprocessing settings, keyed by content hash.
+
+    A batch is `<batch>.json` (digest -> note, decode result, location) plus one
+    stacked `<batch>.<dtype>.npy` per array type.
+    """
 
     def __init__(self, cache_dir: Path, settings: str) -> None:
-        self._folder = cache_dir / "shards" / settings
+        self.folder = cache_dir / "shards" / settings
         self._meta: dict[str, dict] = {}
-        self._where: dict[str, Path] = {}
-        for meta_path in sorted(self._folder.glob("*.json")) if self._folder.is_dir() else ():
+        for meta_path in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else ():
             try:
                 batch = json.loads(meta_path.read_text())
             except (OSError, ValueError):
                 continue  # a damaged shard is decoded again, never trusted
             for digest, meta in batch.items():
-                self._meta[digest] = meta
-                self._where[digest] = meta_path.with_suffix(".npz")
-        self._open: dict[Path, dict[str, np.ndarray]] = {}
+                self._meta[digest] = {**meta, "batch": meta_path.stem}
 
     def digests(self) -> frozenset[str]:
         """Content hashes this store holds a shard for."""
         return frozenset(self._meta)
 
-    def arrays(self, digests: list[str]) -> np.ndarray | None:
-        """The shards' arrays stacked in this order, or None when one is missing."""
-        try:
-            return np.stack([
-                self._stack(self._where[d], self._meta[d]["stack"])[self._meta[d]["row"]]
-                for d in digests
-            ])
-        except (OSError, KeyError, ValueError, IndexError, TypeError):
+    def locate(self, digest: str) -> Location | None:
+        meta = self._meta.get(digest)
+        if meta is None or meta["row"] is None:
             return None
+        return meta["batch"], meta["stack"], meta["row"]
 
     def get(self, digest: str) -> Shard | None:
         meta = self._meta.get(digest)
         if meta is None:
             return None
         array = None
-        if meta["row"] is not None:
-            try:
-                array = self._stack(self._where[digest], meta["stack"])[meta["row"]]
-            except (OSError, KeyError, ValueError, IndexError):
+        location = self.locate(digest)
+        if location is not None:
+            rows = read_rows(self.folder, [location])
+            if rows is None:
                 return None
+            array = rows[0]
         note = dict(meta["note"])
         note["phi_values"] = tuple(note["phi_values"])
         return Shard(FileNote(**note), tuple(meta["shape"]), meta["error"], array)
-
-    def _stack(self, npz_path: Path, name: str) -> np.ndarray:
-        if npz_path not in self._open:
-            with np.load(npz_path) as stacks:
-                self._open[npz_path] = {key: stacks[key] for key in stacks.files}
-        return self._open[npz_path][name]
 
     def add(self, shards: dict[str, Shard]) -> None:
         """Write the new files' shards as one batch: one stacked array per dtype."""
         if not shards:
             return
-        self._folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256("|".join(sorted(shards)).encode()).hexdigest()[:24]
         stacks: dict[str, list[np.ndarray]] = {}
-        meta = {}
+        batch = {}
         for digest, shard in shards.items():
             row = stack = None
             if shard.array is not None:
                 stack = str(shard.array.dtype)
                 row = len(stacks.setdefault(stack, []))
                 stacks[stack].append(shard.array)
-            note = dict(shard.note.__dict__)
-            meta[digest] = {"note": note, "shape": list(shard.shape), "error": shard.error,
-                            "stack": stack, "row": row}
-        _write_npz(self._folder / f"{name}.npz",
-                   {dtype: np.stack(arrays) for dtype, arrays in stacks.items()})
-        _write_private(self._folder / f"{name}.json", json.dumps(meta).encode())
-
-    def close(self) -> None:
-        self._open.clear()
+            batch[digest] = {"note": dict(shard.note.__dict__), "shape": list(shard.shape),
+                             "error": shard.error, "stack": stack, "row": row}
+        for dtype, arrays in stacks.items():
+            _write_npy(_stack_path(self.folder, name, dtype), np.stack(arrays))
+        _write_private(self.folder / f"{name}.json", json.dumps(batch).encode())
+        self._meta.update({d: {**m, "batch": name} for d, m in batch.items()})
 
 
 class DatasetStore:
@@ -191,10 +196,10 @@ class DatasetStore:
         _write_private(self._folder / f"{key}.json", json.dumps(meta).encode())
 
 
-def dataset_key(settings: str, root: Path, files: list[tuple[FileEntry, str]]) -> str:
+def dataset_key(settings: str, files: list[tuple[FileEntry, str]]) -> str:
     digest = hashlib.sha256(settings.encode())
     for entry, content in files:
-        digest.update(f"|{entry.path.relative_to(root)}|{content}".encode())
+        digest.update(f"|{entry.rel}|{content}".encode())
     return digest.hexdigest()
 
 

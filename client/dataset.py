@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from client.cache import ContentIndex, DatasetStore, Shard, ShardStore, dataset_key, settings_tag
+from client.cache import (
+    ContentIndex,
+    DatasetStore,
+    Shard,
+    ShardStore,
+    dataset_key,
+    read_rows,
+    settings_tag,
+)
 from client.dicom_scan import ImageRef, ScanResult, SegRef, Skipped, examine, walk_files
 from client.pixels import (
     PixelError,
@@ -87,7 +95,7 @@ def _read_file(path: Path, image_size: int, voi_window: bool) -> tuple[str, Shar
     """One file: read once and hash; unless its content is already cached, describe it
     and decode and resize its pixels from that same read."""
     data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = _sha256(data)
     if digest in _known_digests:
         return digest, None
     return digest, _decode(path, data, image_size, voi_window)
@@ -98,6 +106,10 @@ def _decode(path: Path, data: bytes, image_size: int, voi_window: bool) -> Shard
     note = examine(path, data, visit=decoder)
     shape, error, array = decoder.done.get(path, ((), "", None))
     return Shard(note, tuple(shape), error, array)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _read_batch(paths: list[Path], image_size: int, voi_window: bool
@@ -155,8 +167,9 @@ def _array(shard: Shard) -> np.ndarray:
     return shard.array
 
 
-def _assemble(store: ShardStore, meta: dict) -> SiteDataset | None:
-    images, masks = store.arrays(meta["images"]), store.arrays(meta["masks"])
+def _assemble(shard_folder: Path, meta: dict) -> SiteDataset | None:
+    images = read_rows(shard_folder, [tuple(loc) for loc in meta["images"]])
+    masks = read_rows(shard_folder, [tuple(loc) for loc in meta["masks"]])
     if images is None or masks is None:
         return None
     return SiteDataset(
@@ -180,16 +193,17 @@ def load_site_dataset(root: Path, work_dir: Path, image_size: int, *,
     cache_dir = work_dir / "cache"
     settings = settings_tag(image_size=image_size, voi_window=voi_window)
     entries = walk_files(root)
-    index = ContentIndex(cache_dir, root)
-    digests = {entry.path: index.known(entry) for entry in entries}
+    index = ContentIndex(cache_dir)
+    known = [index.known(entry) for entry in entries]
     datasets = DatasetStore(cache_dir)
-    if all(digests.values()):
-        key = dataset_key(settings, root, [(e, str(digests[e.path])) for e in entries])
+    if all(known):
+        key = dataset_key(settings, [(e, str(d)) for e, d in zip(entries, known, strict=True)])
         meta = datasets.load(key)
-        cached = _assemble(ShardStore(cache_dir, settings), meta) if meta else None
+        cached = _assemble(cache_dir / "shards" / settings, meta) if meta else None
         if cached is not None:
             LOG.info("dataset: %d images from cache", len(cached.groups))
             return cached
+    digests = {entry.path: digest for entry, digest in zip(entries, known, strict=True)}
     store = ShardStore(cache_dir, settings)
     shards: dict[Path, Shard] = {}
     for entry in entries:
@@ -214,7 +228,6 @@ def load_site_dataset(root: Path, work_dir: Path, image_size: int, *,
     for entry in entries:
         scan.add(entry.path, shards[entry.path].note)
     scan.log()
-    store.close()
     pairs = _pair(scan, shards)
     store.add(new)
     index.save(entries)
@@ -224,14 +237,14 @@ def load_site_dataset(root: Path, work_dir: Path, image_size: int, *,
     images = np.stack([_array(shards[image]) for image, _, _ in pairs])[:, None]
     masks = np.stack([_array(shards[seg]) for _, seg, _ in pairs])[:, None]
     meta = {
-        "images": [digests[image] for image, _, _ in pairs],
-        "masks": [digests[seg] for _, seg, _ in pairs],
+        "images": [store.locate(str(digests[image])) for image, _, _ in pairs],
+        "masks": [store.locate(str(digests[seg])) for _, seg, _ in pairs],
         "groups": [order[patient] for _, _, patient in pairs],
         "content_hash": hashlib.sha256(images.tobytes() + masks.tobytes()).hexdigest(),
         "phi_values": sorted(scan.phi_values),
         "skipped": [s.__dict__ for s in scan.skipped],
     }
-    key = dataset_key(settings, root, [(e, str(digests[e.path])) for e in entries])
+    key = dataset_key(settings, [(e, str(digests[e.path])) for e in entries])
     datasets.save(key, meta)
     LOG.info("dataset: %d images (%d files decoded), %d files skipped", len(pairs), len(new),
              len(scan.skipped))

@@ -22,7 +22,7 @@ import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
-from client.header import text
+from client.header import first_referenced_instance, text
 from client.pixels import PIXEL_KEYWORDS
 
 LOG = logging.getLogger("fedrad.client")
@@ -170,26 +170,33 @@ def _phi(ds: pydicom.Dataset) -> tuple[tuple[str, ...], int]:
 class FileEntry:
     """A regular file under the data folder and the stat values that date its content."""
 
-    path: Path
+    root: Path
+    rel: str  # path relative to root, "/"-separated
     size: int
     mtime_ns: int
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.rel
 
 
 def walk_files(root: Path) -> list[FileEntry]:
     """Every regular file under root with its size and mtime, in a stable order."""
     found: list[FileEntry] = []
-    stack = [root]
+    stack = [""]
+    base = str(root)
     while stack:
         folder = stack.pop()
-        with os.scandir(folder) as it:
+        with os.scandir(os.path.join(base, folder) if folder else base) as it:
             entries = sorted(it, key=lambda e: e.name)
         subfolders = []
         for entry in entries:
+            rel = f"{folder}/{entry.name}" if folder else entry.name
             if entry.is_dir(follow_symlinks=True):
-                subfolders.append(Path(entry.path))
+                subfolders.append(rel)
             elif entry.is_file(follow_symlinks=True):
                 stat = entry.stat()
-                found.append(FileEntry(Path(entry.path), stat.st_size, stat.st_mtime_ns))
+                found.append(FileEntry(root, rel, stat.st_size, stat.st_mtime_ns))
         stack.extend(reversed(subfolders))
     return found
 
@@ -320,8 +327,9 @@ def _nifti_note(path: Path, visit: Visitor | None) -> FileNote:
 
 def _seg_note(ds: pydicom.Dataset, base: dict[str, Any]) -> FileNote:
     try:
-        ref = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
-        referenced = str(ref.ReferencedSOPInstanceUID)
+        referenced = first_referenced_instance(ds) or str(
+            ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+        )
     except (AttributeError, IndexError):
         return FileNote("skip", "SEG without ReferencedSeriesSequence/ReferencedInstanceSequence",
                         **base)

@@ -128,3 +128,36 @@ def fast_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
         options["planar_configuration"] = module.planar_configuration
     array, _ = get_decoder(UID(syntax)).as_array(pixel.value, **options)
     return array
+
+
+_REFERENCED_SOP_INSTANCE_UID = b"\x08\x00\x55\x11"  # (0008,1155), little endian
+
+
+def first_referenced_instance(ds: pydicom.Dataset) -> str | None:
+    """ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+    from the sequence's raw bytes, or None (the caller then asks pydicom).
+
+    Parsing a sequence through pydicom costs more than decoding a small SEG's
+    pixels. The sequence holds only UIDs (ASCII), so the tag's bytes cannot occur
+    inside a value; the VR and length are checked before the value is used.
+    """
+    elem = ds.get_item(0x00081115)
+    if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes):
+        return None
+    if not elem.is_little_endian:
+        return None
+    value = elem.value
+    at = value.find(_REFERENCED_SOP_INSTANCE_UID)
+    if at < 0:
+        return None
+    if elem.is_implicit_VR:
+        start, length = at + 8, int.from_bytes(value[at + 4:at + 8], "little")
+    elif value[at + 4:at + 6] == b"UI":
+        start, length = at + 8, int.from_bytes(value[at + 6:at + 8], "little")
+    else:
+        return None
+    uid = value[start:start + length]
+    if len(uid) != length or not length or length > 64:
+        return None
+    text_value = uid.decode("ascii", errors="replace").strip(" \x00")
+    return text_value if set(text_value) <= set("0123456789.") else None
