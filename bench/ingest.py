@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pydicom
 
-from client.dataset import load_site_dataset
+from client.dataset import DataSpec, load_site_dataset
 from client.dicom_scan import NON_DICOM_NAMES, iter_files
 
 REPEATS = 7
@@ -47,17 +47,17 @@ def main() -> None:
             work = Path(tmp)
             start = time.perf_counter()
             for site in sites:
-                load_site_dataset(site, work / site.name, SIZE)
+                load_site_dataset(site, work / site.name, DataSpec(image_size=SIZE))
             first_best = min(first_best, time.perf_counter() - start)
             start = time.perf_counter()
             for site in sites:
-                load_site_dataset(site, work / site.name, SIZE)
+                load_site_dataset(site, work / site.name, DataSpec(image_size=SIZE))
             cached_best = min(cached_best, time.perf_counter() - start)
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             start = time.perf_counter()
             for site in sites:
-                load_site_dataset(site, work / site.name, SIZE, workers=workers)
+                load_site_dataset(site, work / site.name, DataSpec(image_size=SIZE), workers=workers)
             parallel_best = min(parallel_best, time.perf_counter() - start)
     from monai.transforms import LoadImage
 

@@ -34,7 +34,7 @@ from client.dicom_scan import FileEntry, FileNote
 CACHE_VERSION = 2
 
 
-def _write_private(path: Path, payload: bytes) -> None:
+def write_private(path: Path, payload: bytes) -> None:
     """Write atomically, readable by the site's own user only."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -78,7 +78,7 @@ class ContentIndex:
         if self._changed or set(self._entries) - keep:
             self._entries = {k: v for k, v in self._entries.items() if k in keep}
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            _write_private(self._path, json.dumps(self._entries).encode())
+            write_private(self._path, json.dumps(self._entries).encode())
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class ShardStore:
                              "error": shard.error, "stack": stack, "row": row}
         for dtype, arrays in stacks.items():
             _write_npy(_stack_path(self.folder, name, dtype), np.stack(arrays))
-        _write_private(self.folder / f"{name}.json", json.dumps(batch).encode())
+        write_private(self.folder / f"{name}.json", json.dumps(batch).encode())
         self._meta.update({d: {**m, "batch": name} for d, m in batch.items()})
 
 
@@ -193,7 +193,7 @@ class DatasetStore:
 
     def save(self, key: str, meta: dict) -> None:
         self._folder.mkdir(parents=True, exist_ok=True)
-        _write_private(self._folder / f"{key}.json", json.dumps(meta).encode())
+        write_private(self._folder / f"{key}.json", json.dumps(meta).encode())
 
 
 def dataset_key(settings: str, files: list[tuple[FileEntry, str]]) -> str:

@@ -15,12 +15,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client import site_logging
-from client.dataset import SiteDataset, load_site_dataset
+from client.dataset import DataSpec, SiteDataset, load_site_dataset
 from client.errors import budget_refusal
 from client.ledger import BudgetExceeded, PrivacyLedger, Session, epsilon_of
 from client.site_config import SiteConfig
 from client.training import (
+    ClassificationAlgo,
     SegmentationAlgo,
+    build_algo,
     default_delta,
     dp_sampling,
     pick_device,
@@ -41,7 +43,7 @@ class _Setup:
     site: SiteConfig
     config: RunConfig
     dataset: SiteDataset
-    algo: SegmentationAlgo
+    algo: SegmentationAlgo | ClassificationAlgo
     guard: PHIGuard
     load_seconds: float
 
@@ -53,9 +55,13 @@ def _setup(context: Context) -> _Setup:
     if site.threads:
         torch.set_num_threads(site.threads)
     config = RunConfig.from_mapping(context.run_config)
-    dataset = load_site_dataset(site.data_dir, site.work_dir, config.image_size,
-                                voi_window=config.voi_window, workers=site.ingest_workers)
-    algo = SegmentationAlgo(config, dataset, pick_device(site.device))
+    spec = DataSpec(task=config.task, image_size=config.image_size,
+                    voi_window=config.voi_window, labels=config.labels,
+                    labels_file=site.labels_file, labels_key=site.labels_key,
+                    foreground=config.foreground)
+    dataset = load_site_dataset(site.data_dir, site.work_dir, spec,
+                                workers=site.ingest_workers)
+    algo = build_algo(config, dataset, pick_device(site.device))
     return _Setup(
         site=site,
         config=config,
@@ -156,7 +162,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict({
         keys.METRICS: MetricRecord({
             keys.EVAL_LOSS: result.loss,
-            keys.EVAL_DICE: result.dice,
+            **result.metrics,
             keys.NUM_EXAMPLES: float(result.num_examples),
             keys.EVAL_SECONDS: result.seconds,
             keys.LOAD_SECONDS: setup.load_seconds,

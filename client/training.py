@@ -1,7 +1,8 @@
 """Local training behind a framework-neutral interface (as MONAI's ClientAlgo).
 
-`SegmentationAlgo` knows nothing of Flower: train / evaluate / get_weights /
-set_weights. A unit test, a simulation and a SuperNode all run this same code.
+`SegmentationAlgo` and `ClassificationAlgo` know nothing of Flower: train /
+evaluate / get_weights / set_weights. A unit test, a simulation and a SuperNode
+all run this same code. `build_algo` picks the one for the run's task.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, ROCAUCMetric
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dataset import SiteDataset
-from common.config import Optimizer, RunConfig
+from common import keys
+from common.config import Optimizer, RunConfig, Task
 from common.models import build_model
 from common.weights import from_arrays, plain_state_dict, to_arrays
 
@@ -41,10 +43,13 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Validation metrics of the current weights on the site's held-out patients."""
+    """Validation metrics of the current weights on the site's held-out patients.
+
+    `metrics` uses the wire names of common.keys (e.g. eval-dice, eval-auroc:<label>).
+    """
 
     loss: float
-    dice: float
+    metrics: dict[str, float]
     num_examples: int
     seconds: float
 
@@ -102,8 +107,20 @@ def _noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     optimizer.step()
 
 
-class SegmentationAlgo:
-    """2D lung segmentation with a MONAI UNet, optionally with Opacus DP-SGD."""
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Training-only augmentation: per-image contrast (x0.9-1.1) and brightness (+-0.05).
+
+    Geometry is left alone: a flipped chest X-ray is a different anatomy, and masks
+    would need the same transform.
+    """
+    shape = (images.shape[0],) + (1,) * (images.dim() - 1)
+    contrast = 0.9 + 0.2 * torch.rand(shape, generator=generator)
+    brightness = 0.1 * torch.rand(shape, generator=generator) - 0.05
+    return (images * contrast.to(images.device) + brightness.to(images.device)).clamp(0, 1)
+
+
+class LocalAlgo:
+    """Shared by every task: data split, DP-SGD training loop, weights in and out."""
 
     def __init__(self, config: RunConfig, dataset: SiteDataset, device: torch.device) -> None:
         self.config = config
@@ -112,13 +129,15 @@ class SegmentationAlgo:
         self.train_set = self._tensors(dataset, train_idx)
         self.val_set = self._tensors(dataset, val_idx)
         self.model = build_model(config).to(device)
-        self.loss_fn = DiceCELoss(sigmoid=True)
 
     @staticmethod
     def _tensors(dataset: SiteDataset, index: np.ndarray) -> TensorDataset:
-        images = torch.from_numpy(dataset.images[index])
-        masks = torch.from_numpy(dataset.masks[index].astype(np.float32))
-        return TensorDataset(images, masks)
+        images = torch.from_numpy(np.ascontiguousarray(dataset.images[index]))
+        targets = torch.from_numpy(dataset.targets[index].astype(np.float32))
+        return TensorDataset(images, targets)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     @property
     def num_train(self) -> int:
@@ -131,10 +150,15 @@ class SegmentationAlgo:
         state = from_arrays(plain_state_dict(self.model), arrays)
         self.model.load_state_dict(state)
 
-    def train(self, *, server_round: int, noise_multiplier: float | None) -> TrainResult:
-        """Local epochs; with DP-SGD when `noise_multiplier` is given."""
+    def train(self, *, server_round: int, noise_multiplier: float | None,
+              max_grad_norm: float | None = None) -> TrainResult:
+        """Local epochs; with DP-SGD when `noise_multiplier` is given.
+
+        `max_grad_norm` defaults to the run's dp-max-grad-norm (tests pass other values).
+        """
         start = time.perf_counter()
         torch.manual_seed(self.config.seed * 1000 + server_round)
+        generator = torch.Generator().manual_seed(self.config.seed * 1000 + server_round)
         loader = DataLoader(self.train_set, batch_size=self.config.batch_size, shuffle=True)
         model = copy.deepcopy(self.model)  # a fresh module per session: no stale DP hooks
         model.train()
@@ -147,21 +171,23 @@ class SegmentationAlgo:
                 optimizer=optimizer,
                 data_loader=loader,
                 noise_multiplier=noise_multiplier,
-                max_grad_norm=self.config.dp.max_grad_norm,
+                max_grad_norm=max_grad_norm or self.config.dp.max_grad_norm,
                 poisson_sampling=True,
             )
         model.train()
         losses: list[float] = []
         steps = 0
         for _ in range(self.config.local_epochs):
-            for images, masks in loader:
+            for images, targets in loader:
                 if len(images) == 0:  # Poisson sampling drew nobody: a noise-only step
                     _noise_only_step(model, optimizer)
                     steps += 1
                     continue
-                images, masks = images.to(self.device), masks.to(self.device)
+                images, targets = images.to(self.device), targets.to(self.device)
+                if self.config.augment:
+                    images = augment(images, generator)
                 optimizer.zero_grad()
-                loss = self.loss_fn(model(images), masks)
+                loss = self.loss(model(images), targets)
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
@@ -186,22 +212,93 @@ class SegmentationAlgo:
         return torch.optim.Adam(model.parameters(), lr=lr)
 
     @torch.no_grad()
-    def evaluate(self) -> EvalResult:
-        """Loss and Dice (MONAI DiceMetric, threshold 0.5) on the held-out patients."""
-        start = time.perf_counter()
+    def predict(self) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Mean validation loss, logits and targets of the held-out patients."""
         self.model.eval()
-        metric = DiceMetric(include_background=True, reduction="mean")
-        losses = []
-        for images, masks in DataLoader(self.val_set, batch_size=16):
-            images, masks = images.to(self.device), masks.to(self.device)
-            logits = self.model(images)
-            losses.append(float(self.loss_fn(logits, masks)) * len(images))
-            metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=masks)
-        aggregate = metric.aggregate()
-        dice = float(aggregate[0] if isinstance(aggregate, tuple) else aggregate)
-        return EvalResult(
-            loss=sum(losses) / len(self.val_set),
-            dice=dice,
-            num_examples=len(self.val_set),
-            seconds=time.perf_counter() - start,
-        )
+        losses, logits, targets = [], [], []
+        for images, target in DataLoader(self.val_set, batch_size=16):
+            images, target = images.to(self.device), target.to(self.device)
+            output = self.model(images)
+            losses.append(float(self.loss(output, target)) * len(images))
+            logits.append(output.cpu())
+            targets.append(target.cpu())
+        return sum(losses) / len(self.val_set), torch.cat(logits), torch.cat(targets)
+
+
+class SegmentationAlgo(LocalAlgo):
+    """Lung (2D) or organ (3D) segmentation: Dice + cross-entropy loss."""
+
+    def __init__(self, config: RunConfig, dataset: SiteDataset, device: torch.device) -> None:
+        super().__init__(config, dataset, device)
+        self.loss_fn = DiceCELoss(sigmoid=True)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, targets)  # type: ignore[no-any-return]
+
+    def evaluate(self) -> EvalResult:
+        """Dice and 95 % Hausdorff distance (MONAI metrics) at the run's threshold."""
+        start = time.perf_counter()
+        loss, logits, targets = self.predict()
+        predicted = (torch.sigmoid(logits) > self.config.threshold).float()
+        dice = DiceMetric(include_background=True, reduction="mean")
+        dice(y_pred=predicted, y=targets)
+        metrics = {keys.EVAL_DICE: _scalar(dice.aggregate())}
+        hd95 = HausdorffDistanceMetric(include_background=True, percentile=95,
+                                       reduction="mean")
+        hd95(y_pred=predicted, y=targets)
+        value = _scalar(hd95.aggregate())
+        if math.isfinite(value):  # no finite value when every prediction is empty
+            metrics[keys.EVAL_HD95] = value
+        return EvalResult(loss, metrics, len(self.val_set), time.perf_counter() - start)
+
+
+class ClassificationAlgo(LocalAlgo):
+    """CheXNet-style multi-label classification: a sigmoid per label, BCE loss."""
+
+    def __init__(self, config: RunConfig, dataset: SiteDataset, device: torch.device) -> None:
+        super().__init__(config, dataset, device)
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, targets)  # type: ignore[no-any-return]
+
+    def evaluate(self) -> EvalResult:
+        """Per label: AUROC (MONAI ROCAUCMetric), sensitivity and specificity at the
+        run's threshold; plus the macro AUROC over the labels that have both classes."""
+        start = time.perf_counter()
+        loss, logits, targets = self.predict()
+        scores = torch.sigmoid(logits)
+        metrics: dict[str, float] = {}
+        aurocs = []
+        for column, label in enumerate(self.config.labels):
+            truth, score = targets[:, column], scores[:, column]
+            positive = truth > 0.5
+            called = score > self.config.threshold
+            if positive.any() and (~positive).any():
+                auroc = ROCAUCMetric()
+                auroc(y_pred=score, y=truth)
+                value = _scalar(auroc.aggregate())
+                metrics[keys.label_metric(keys.EVAL_AUROC, label)] = value
+                aurocs.append(value)
+            if positive.any():
+                metrics[keys.label_metric(keys.EVAL_SENSITIVITY, label)] = float(
+                    (called & positive).sum() / positive.sum())
+            if (~positive).any():
+                metrics[keys.label_metric(keys.EVAL_SPECIFICITY, label)] = float(
+                    (~called & ~positive).sum() / (~positive).sum())
+        if aurocs:
+            metrics[keys.EVAL_AUROC_MACRO] = float(np.mean(aurocs))
+        return EvalResult(loss, metrics, len(self.val_set), time.perf_counter() - start)
+
+
+def _scalar(aggregate: object) -> float:
+    value = aggregate[0] if isinstance(aggregate, tuple | list) else aggregate
+    return float(value.item() if isinstance(value, torch.Tensor) else value)  # type: ignore[arg-type]
+
+
+def build_algo(config: RunConfig, dataset: SiteDataset, device: torch.device
+               ) -> SegmentationAlgo | ClassificationAlgo:
+    """The local algorithm for the run's task."""
+    if config.task is Task.CXR_CLASSIFY:
+        return ClassificationAlgo(config, dataset, device)
+    return SegmentationAlgo(config, dataset, device)

@@ -21,7 +21,26 @@ class ConfigError(ValueError):
 class Task(enum.StrEnum):
     """What a run trains."""
 
-    LUNG_SEG = "lung-seg"
+    LUNG_SEG = "lung-seg"  # 2D: projection images and their lung masks
+    CXR_CLASSIFY = "cxr-classify"  # 2D: projection images and labels.csv findings
+    VOLUME_SEG = "volume-seg"  # 3D: CT/MR volumes and a label map (one foreground class)
+
+    @property
+    def spatial_dims(self) -> int:
+        return 3 if self is Task.VOLUME_SEG else 2
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self is not Task.CXR_CLASSIFY
+
+
+class Model(enum.StrEnum):
+    """The network a run trains (MONAI)."""
+
+    UNET = "unet"
+    BASIC_UNET = "basicunet"
+    SEGRESNET = "segresnet"
+    DENSENET121 = "densenet121"
 
 
 class Optimizer(enum.StrEnum):
@@ -78,6 +97,11 @@ class RunConfig:
     """Everything a run needs, on both sides."""
 
     task: Task
+    model: Model
+    labels: tuple[str, ...]  # cxr-classify: labels.csv columns, one sigmoid output each
+    threshold: float  # operating point for sensitivity/specificity and binary masks
+    init_weights: str  # a local state-dict file the server starts from; "" = random init
+    foreground: tuple[int, ...]  # volume-seg: label-map values that count as foreground
     num_rounds: int
     min_sites: int
     local_epochs: int
@@ -86,6 +110,7 @@ class RunConfig:
     optimizer: Optimizer
     image_size: int
     voi_window: bool  # intensities through the image's own VOI window, not full range
+    augment: bool  # training-only intensity augmentation
     val_fraction: float
     seed: int
     round_timeout: float
@@ -106,6 +131,11 @@ class RunConfig:
         delta = None if delta_raw == "auto" else get.number("dp-delta")
         config = cls(
             task=get.choice("task", Task),
+            model=get.choice("model", Model),
+            labels=get.names("labels"),
+            threshold=get.number("threshold"),
+            init_weights=get.text("init-weights"),
+            foreground=get.integers("foreground"),
             num_rounds=get.integer("num-rounds", minimum=1),
             min_sites=get.integer("min-sites", minimum=1),
             local_epochs=get.integer("local-epochs", minimum=1),
@@ -114,6 +144,7 @@ class RunConfig:
             optimizer=get.choice("optimizer", Optimizer),
             image_size=get.integer("image-size", minimum=16),
             voi_window=get.boolean("voi-window"),
+            augment=get.boolean("augment"),
             val_fraction=get.number("val-fraction"),
             seed=get.integer("seed", minimum=0),
             round_timeout=get.positive("round-timeout"),
@@ -132,6 +163,18 @@ class RunConfig:
                 max_weight=get.number("secagg-max-weight"),
             ),
         )
+        segmentation_models = {Model.UNET, Model.BASIC_UNET, Model.SEGRESNET}
+        if config.task.is_segmentation and config.model not in segmentation_models:
+            raise ConfigError(f"model must be one of {sorted(m.value for m in segmentation_models)}"
+                              f" for task {config.task.value}, got {config.model.value!r}")
+        if config.task is Task.CXR_CLASSIFY and config.model is not Model.DENSENET121:
+            raise ConfigError(f"model must be 'densenet121' for task cxr-classify, "
+                              f"got {config.model.value!r}")
+        if config.task is Task.CXR_CLASSIFY and not config.labels:
+            raise ConfigError("labels must name at least one labels.csv column, e.g. "
+                              "'label_covid,label_no_finding'")
+        if not 0 < config.threshold < 1:
+            raise ConfigError(f"threshold must be in (0, 1), got {config.threshold}")
         if not 0 < config.val_fraction < 1:
             raise ConfigError(f"val-fraction must be in (0, 1), got {config.val_fraction}")
         if config.image_size % 8:
@@ -154,6 +197,8 @@ class RunConfig:
                 value = getattr(value, part)
             if isinstance(value, enum.Enum):
                 value = value.value
+            if isinstance(value, tuple):
+                value = ",".join(str(item) for item in value)
             out[key] = "auto" if value is None else value
         return out
 
@@ -161,6 +206,11 @@ class RunConfig:
 # Flat key -> attribute path. Adding a setting means adding it here and above.
 _FLAT: dict[str, tuple[str, ...]] = {
     "task": ("task",),
+    "model": ("model",),
+    "labels": ("labels",),
+    "threshold": ("threshold",),
+    "init-weights": ("init_weights",),
+    "foreground": ("foreground",),
     "num-rounds": ("num_rounds",),
     "min-sites": ("min_sites",),
     "local-epochs": ("local_epochs",),
@@ -169,6 +219,7 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "optimizer": ("optimizer",),
     "image-size": ("image_size",),
     "voi-window": ("voi_window",),
+    "augment": ("augment",),
     "val-fraction": ("val_fraction",),
     "seed": ("seed",),
     "round-timeout": ("round_timeout",),
@@ -186,6 +237,11 @@ _FLAT: dict[str, tuple[str, ...]] = {
 
 _DEFAULTS: dict[str, Any] = {
     "task": "lung-seg",
+    "model": "unet",
+    "labels": "label_covid,label_no_finding",
+    "threshold": 0.5,
+    "init-weights": "",
+    "foreground": "1",
     "num-rounds": 3,
     "min-sites": 3,
     "local-epochs": 1,
@@ -194,6 +250,7 @@ _DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "image-size": 64,
     "voi-window": False,
+    "augment": True,
     "val-fraction": 0.25,
     "seed": 42,
     "round-timeout": 900.0,
@@ -248,6 +305,32 @@ class _Getter:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
+
+    def text(self, key: str) -> str:
+        value = self._raw(key)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+
+    def names(self, key: str) -> tuple[str, ...]:
+        """A comma-separated list of column names."""
+        items = tuple(item.strip() for item in self.text(key).split(",") if item.strip())
+        bad = [item for item in items if not item.replace("_", "").replace("-", "").isalnum()]
+        if bad or len(set(items)) != len(items):
+            raise ConfigError(f"{key} must be distinct comma-separated column names, "
+                              f"got {self._raw(key)!r}")
+        return items
+
+    def integers(self, key: str) -> tuple[int, ...]:
+        """A comma-separated list of integers >= 1, e.g. "5" or "2,3"."""
+        try:
+            items = tuple(int(item) for item in self.text(key).split(",") if item.strip())
+        except ValueError:
+            items = ()
+        if not items or min(items) < 1:
+            raise ConfigError(f"{key} must be comma-separated integers >= 1, "
+                              f"got {self._raw(key)!r}")
+        return items
 
     def positive(self, key: str) -> float:
         value = self.number(key)

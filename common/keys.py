@@ -32,6 +32,12 @@ DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 EVAL_LOSS = "eval-loss"
 EVAL_DICE = "eval-dice"
+EVAL_HD95 = "eval-hd95"
+EVAL_AUROC_MACRO = "eval-auroc-macro"
+# Per-label classification metrics: "<prefix>:<label column>" (see label_metric).
+EVAL_AUROC = "eval-auroc"
+EVAL_SENSITIVITY = "eval-sensitivity"
+EVAL_SPECIFICITY = "eval-specificity"
 EVAL_SECONDS = "eval-seconds"
 UPDATE_NORM = "update-norm"
 
@@ -48,10 +54,35 @@ ALLOWED_METRICS = frozenset(
         NOISE_MULTIPLIER,
         EVAL_LOSS,
         EVAL_DICE,
+        EVAL_HD95,
+        EVAL_AUROC_MACRO,
         EVAL_SECONDS,
         UPDATE_NORM,
     }
 )
+
+def headline_metric(task: str) -> str:
+    """The metric a task's rounds are judged by (pooled over sites)."""
+    return EVAL_AUROC_MACRO if task == "cxr-classify" else EVAL_DICE
+
+
+_LABEL_PREFIXES = (EVAL_AUROC, EVAL_SENSITIVITY, EVAL_SPECIFICITY)
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def label_metric(prefix: str, label: str) -> str:
+    """The wire name of a per-label metric, e.g. "eval-auroc:label_covid"."""
+    return f"{prefix}:{label}"
+
+
+def is_allowed_metric(name: str) -> bool:
+    """A fixed metric name, or a per-label one whose label is a plain column name
+    (labels come from the run config, never from a site's data)."""
+    if name in ALLOWED_METRICS:
+        return True
+    prefix, _, label = name.partition(":")
+    return prefix in _LABEL_PREFIXES and 0 < len(label) <= 64 and set(label) <= _LABEL_CHARS
+
 
 # Error codes of fedrad's sanitised error replies (Flower's own codes are < 100).
 ERROR_SITE_FAILED = 1001

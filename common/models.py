@@ -1,49 +1,102 @@
 """Model definitions shared by the server (initial weights) and the sites.
 
-Every model is DP-compatible: GroupNorm instead of BatchNorm and no in-place
-activations, checked with Opacus' ModuleValidator.
+Every model is DP-compatible: GroupNorm instead of BatchNorm, no in-place
+activations and no in-place residual additions (Opacus' backward hooks refuse a
+module output modified in place), checked with Opacus' ModuleValidator.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from monai.networks.nets import UNet
+from monai.networks.blocks.segresnet_block import ResBlock
+from monai.networks.nets import BasicUNet, DenseNet121, SegResNet, UNet
 from opacus.validators import ModuleValidator
 
-from common.config import RunConfig, Task
+from common.config import Model, RunConfig
 
 
 class ModelError(ValueError):
-    """A model that cannot be trained with DP-SGD."""
+    """A model that cannot be built, loaded or trained with DP-SGD."""
+
+
+class _ResBlockWithoutInplaceAdd(ResBlock):
+    """MONAI's SegResNet block with `x = x + identity` instead of `x += identity`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        x = self.conv1(self.act(self.norm1(x)))
+        x = self.conv2(self.act(self.norm2(x)))
+        return x + identity
 
 
 def build_model(config: RunConfig) -> torch.nn.Module:
-    """The network for `config.task`, seeded so every party builds the same one."""
+    """The network `config.model` for `config.task`, seeded so every party builds the same one."""
     torch.manual_seed(config.seed)
-    if config.task is Task.LUNG_SEG:
-        model: torch.nn.Module = UNet(
-            spatial_dims=2,
-            in_channels=1,
-            out_channels=1,
-            channels=(16, 32, 64, 128),
-            strides=(2, 2, 2),
-            num_res_units=0,
-            norm=("group", {"num_groups": 8}),
-            act=("prelu", {"init": 0.25}),
-        )
-    else:  # pragma: no cover - Task is a closed enum
-        raise ModelError(f"no model for task {config.task}")
+    dims = config.task.spatial_dims
+    norm = ("group", {"num_groups": 8})
+    model: torch.nn.Module
+    if config.model is Model.UNET:
+        model = UNet(spatial_dims=dims, in_channels=1, out_channels=1,
+                     channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=0,
+                     norm=norm, act=("prelu", {"init": 0.25}))
+    elif config.model is Model.BASIC_UNET:
+        model = BasicUNet(spatial_dims=dims, in_channels=1, out_channels=1,
+                          features=(16, 16, 32, 64, 128, 16), norm=norm,
+                          act=("leakyrelu", {"negative_slope": 0.1, "inplace": False}))
+    elif config.model is Model.SEGRESNET:
+        model = SegResNet(spatial_dims=dims, in_channels=1, out_channels=1, init_filters=8,
+                          norm=norm, act=("relu", {"inplace": False}))
+        for module in model.modules():
+            if type(module) is ResBlock:
+                module.__class__ = _ResBlockWithoutInplaceAdd
+    elif config.model is Model.DENSENET121:
+        model = DenseNet121(spatial_dims=dims, in_channels=1, out_channels=len(config.labels),
+                            norm=("group", {"num_groups": 16}),
+                            act=("relu", {"inplace": False}))
+    else:  # pragma: no cover - Model is a closed enum
+        raise ModelError(f"no model {config.model}")
     check_dp_compatible(model)
     return model
 
 
+def load_pretrained(model: torch.nn.Module, path: Path) -> None:
+    """Start from a local weights file (transfer learning); never downloads anything.
+
+    The file is a plain PyTorch state dict (as `fedrad models export` writes). Keys
+    whose name and shape match are loaded; the rest (e.g. a classifier head for other
+    labels) keep their initial values. Nothing matching at all is an error.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(f"init-weights {path}: cannot be read as a PyTorch state dict "
+                         f"({type(exc).__name__})") from exc
+    if not isinstance(state, dict):
+        raise ModelError(f"init-weights {path}: expected a state dict, got {type(state).__name__}")
+    state = {key.removeprefix("_module."): value for key, value in state.items()}
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise ModelError(f"init-weights {path}: no tensor matches the {type(model).__name__} "
+                         "of this run by name and shape; is it the same model?")
+    own.update(matching)
+    model.load_state_dict(own)
+
+
 def check_dp_compatible(model: torch.nn.Module) -> None:
-    """Raise with every problem Opacus' validator finds, plus in-place activations."""
+    """Raise with every problem Opacus' validator finds, plus in-place operations."""
     problems = [str(error) for error in ModuleValidator.validate(model, strict=False)]
     problems += [
         f"{name}: in-place activation (set inplace=False)"
         for name, module in model.named_modules()
         if getattr(module, "inplace", False)
+    ]
+    problems += [
+        f"{name}: in-place residual addition (MONAI ResBlock; use _ResBlockWithoutInplaceAdd)"
+        for name, module in model.named_modules()
+        if type(module) is ResBlock
     ]
     if problems:
         raise ModelError("model is not DP-SGD compatible: " + "; ".join(problems))

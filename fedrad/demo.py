@@ -75,16 +75,17 @@ def discover_sites(data: Path) -> dict[str, Path]:
 def format_round(row: dict[str, Any], total: int) -> str:
     """One progress line: round, sites, loss, Dice, ε per site, wall vs slowest site."""
     sites = row["sites"]
-    dice = ", ".join(f"{s} {v['evaluation'].get('eval-dice', float('nan')):.3f}"
-                     for s, v in sorted(sites.items()))
+    metric = row["score_metric"]
+    score = ", ".join(f"{s} {v['evaluation'].get(metric, float('nan')):.3f}"
+                      for s, v in sorted(sites.items()))
     loss = ", ".join(f"{s} {v['train'].get('train-loss', float('nan')):.3f}"
                      for s, v in sorted(sites.items()))
     eps = ", ".join(f"{s} {v['train']['epsilon-total']:.2f}"
                     for s, v in sorted(sites.items()) if "epsilon-total" in v["train"])
     return (
         f"round {row['server_round']}/{total} | sites {row['sites_trained']}/"
-        f"{row['sites_expected']} | pooled Dice {row['pooled_dice']:.3f}\n"
-        f"    Dice: {dice}\n    train loss: {loss}\n    ε spent: {eps or 'DP off'}\n"
+        f"{row['sites_expected']} | pooled {row['score_metric']} {row['pooled_score']:.3f}\n"
+        f"    {metric}: {score}\n    train loss: {loss}\n    ε spent: {eps or 'DP off'}\n"
         f"    wall {row['wall_seconds']:.1f}s vs slowest site {row['slowest_site_seconds']:.1f}s "
         f"(overhead {row['overhead_seconds']:.1f}s)"
     )

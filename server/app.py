@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common import keys
 from common.config import RunConfig
-from common.models import build_model
+from common.models import build_model, load_pretrained
 from common.weights import add, check_finite, from_arrays, global_norm, plain_state_dict, to_arrays
 from server.polling_grid import PollingGrid
 from server.registry import RoundRecord, RunFolder, SiteRound, server_home
@@ -60,9 +62,10 @@ def _site_rounds(train: Replies, evaluation: Replies,
     return sites
 
 
-def _pooled_dice(evaluation: Replies) -> float:
-    pairs = [(m["eval-dice"], m["num-examples"]) for m in evaluation.metrics.values()
-             if "eval-dice" in m]
+def _pooled(evaluation: Replies, metric: str) -> float:
+    """The metric averaged over sites, weighted by their validation examples."""
+    pairs = [(m[metric], m[keys.NUM_EXAMPLES]) for m in evaluation.metrics.values()
+             if metric in m]
     total = sum(n for _, n in pairs)
     return sum(d * n for d, n in pairs) / total if total else float("nan")
 
@@ -83,7 +86,11 @@ def main(grid: Grid, context: Context) -> None:
         LOG.warning("SecAgg+ is OFF: the server sees each site's individual update")
     if not config.dp.enabled:
         LOG.warning("differential privacy is OFF for this run")
-    template = plain_state_dict(build_model(config))
+    model = build_model(config)
+    if config.init_weights:
+        load_pretrained(model, Path(config.init_weights).expanduser())
+        LOG.info("initial weights from %s", config.init_weights)
+    template = plain_state_dict(model)
     global_arrays = to_arrays(template)
     names: dict[int, str] = {}
     try:
@@ -115,15 +122,16 @@ def main(grid: Grid, context: Context) -> None:
                 sites_trained=len(train.metrics),
                 secagg=config.secagg.enabled,
                 update_norm=global_norm(train.update),
-                pooled_dice=_pooled_dice(evaluation),
+                score_metric=keys.headline_metric(config.task),
+                pooled_score=_pooled(evaluation, keys.headline_metric(config.task)),
                 sites=_site_rounds(train, evaluation, names),
                 failures=sorted(s for s in train.statuses.values() if s != "ok"),
             )
             run.record_round(record)
             run.save_checkpoint(server_round, from_arrays(template, global_arrays))
-            LOG.info("round %d/%d: %d/%d sites, pooled Dice %.3f, wall %.1fs, slowest site %.1fs",
+            LOG.info("round %d/%d: %d/%d sites, pooled %s %.3f, wall %.1fs, slowest site %.1fs",
                      server_round, config.num_rounds, record.sites_trained, len(node_ids),
-                     record.pooled_dice, wall, slowest)
+                     record.score_metric, record.pooled_score, wall, slowest)
         run.finish("completed")
     except Exception:
         run.finish("failed")

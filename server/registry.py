@@ -51,7 +51,8 @@ class RoundRecord:
     sites_trained: int
     secagg: bool
     update_norm: float
-    pooled_dice: float
+    score_metric: str  # the task's headline metric (eval-dice, eval-auroc-macro)
+    pooled_score: float  # that metric, averaged over sites weighted by examples
     sites: dict[str, SiteRound]
     failures: list[str]
 
@@ -101,7 +102,7 @@ class RunFolder:
         step = record.server_round
         writer.add_scalar("round/wall_seconds", record.wall_seconds, step)
         writer.add_scalar("round/overhead_seconds", record.overhead_seconds, step)
-        writer.add_scalar("global/pooled_dice", record.pooled_dice, step)
+        writer.add_scalar(f"global/pooled_{record.score_metric}", record.pooled_score, step)
         for site_id, site in record.sites.items():
             for name, value in {**site.train, **site.evaluation}.items():
                 writer.add_scalar(f"{site_id}/{name}", value, step)

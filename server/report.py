@@ -40,7 +40,7 @@ def _plot(rounds: list[dict[str, Any]], part: str, metric: str, title: str,
     for site_id, points in sorted(_series(rounds, part, metric).items()):
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=site_id)
     if pooled:
-        ax.plot([r["server_round"] for r in rounds], [r["pooled_dice"] for r in rounds],
+        ax.plot([r["server_round"] for r in rounds], [r["pooled_score"] for r in rounds],
                 marker="s", color="black", linestyle="--", label="pooled")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("round")
@@ -69,17 +69,19 @@ def write_report(run: RunFolder) -> Path:
         f"{len(rounds)} of {config.get('num-rounds', '?')} rounds completed.</p>",
     ]
     if rounds:
-        parts.append(f"<img alt='Dice per round per site' src='data:image/png;base64,"
-                     f"{_plot(rounds, 'evaluation', 'eval-dice', 'Dice per round', True)}'>")
+        metric = rounds[-1]["score_metric"]
+        parts.append(f"<img alt='{metric} per round per site' src='data:image/png;base64,"
+                     f"{_plot(rounds, 'evaluation', metric, f'{metric} per round', True)}'>")
         parts.append(f"<img alt='epsilon per site' src='data:image/png;base64,"
                      f"{_plot(rounds, 'train', 'epsilon-total', 'privacy spent (ε)')}'>")
-        parts.append("<h2>Rounds</h2><table><tr><th>round</th><th>sites</th><th>pooled Dice</th>"
+        parts.append("<h2>Rounds</h2><table><tr><th>round</th><th>sites</th><th>pooled score</th>"
                      "<th>wall s</th><th>slowest site s</th><th>overhead s</th></tr>")
         for row in rounds:
             parts.append(
                 f"<tr><td>{row['server_round']}</td>"
                 f"<td>{row['sites_trained']}/{row['sites_expected']}</td>"
-                f"<td>{row['pooled_dice']:.3f}</td><td>{row['wall_seconds']:.1f}</td>"
+                f"<td>{row['score_metric']} {row['pooled_score']:.3f}</td>"
+                f"<td>{row['wall_seconds']:.1f}</td>"
                 f"<td>{row['slowest_site_seconds']:.1f}</td>"
                 f"<td>{row['overhead_seconds']:.1f}</td></tr>"
             )

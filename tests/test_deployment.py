@@ -62,7 +62,7 @@ def test_the_global_model_changed_every_round(demo) -> None:
 
 @pytest.mark.deployment
 def test_dice_improves(demo) -> None:
-    first, last = demo.rounds[0]["pooled_dice"], demo.rounds[-1]["pooled_dice"]
+    first, last = demo.rounds[0]["pooled_score"], demo.rounds[-1]["pooled_score"]
     assert last > first + 0.05, (first, last)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from client.dataset import load_site_dataset
+from client.dataset import DataSpec, load_site_dataset
 from client.dicom_scan import SEG_STORAGE, scan_folder
 from client.pixels import projection_image
 from client.site_check import check_site
@@ -59,9 +59,9 @@ def test_real_cxr_sites(site, cxr_root, tmp_path) -> None:
     with (folder / "labels.csv").open() as handle:
         assert summary["labelled"] == sum(1 for _ in csv.DictReader(handle)) == images
     assert summary["skipped"] == []
-    dataset = load_site_dataset(folder, tmp_path, 128)
+    dataset = load_site_dataset(folder, tmp_path, DataSpec(image_size=128))
     assert dataset.images.shape == (segs, 1, 128, 128)
-    lungs = dataset.masks.astype(bool)
+    lungs = dataset.targets.astype(bool)
     # Brighter = denser at every site (eurorad is MONOCHROME1): lungs are darker.
     assert dataset.images[lungs].mean() < dataset.images[~lungs].mean() - 0.03
     assert 0.0 <= dataset.images.min() and dataset.images.max() <= 1.0
@@ -127,15 +127,15 @@ def _shard_batches(work: Path) -> list[dict]:
 def test_cache_is_reused_and_invalidated(phantom_sites, tmp_path) -> None:
     folder, work = tmp_path / "site", tmp_path / "work"
     shutil.copytree(phantom_sites["hospital-c"], folder)
-    first = load_site_dataset(folder, work, 64)
-    second = load_site_dataset(folder, work, 64)
+    first = load_site_dataset(folder, work, DataSpec(image_size=64))
+    second = load_site_dataset(folder, work, DataSpec(image_size=64))
     assert np.array_equal(first.images, second.images)
     assert first.content_hash == second.content_hash
     assert len(_shard_batches(work)) == 1 and len(list(work.glob("cache/datasets/*.json"))) == 1
     # Touched (new mtime, same bytes): recognised by content, nothing decoded again.
     victim = sorted(folder.rglob("*.dcm"))[0]
     os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
-    assert load_site_dataset(folder, work, 64).content_hash == first.content_hash
+    assert load_site_dataset(folder, work, DataSpec(image_size=64)).content_hash == first.content_hash
     assert len(_shard_batches(work)) == 1 and len(list(work.glob("cache/datasets/*.json"))) == 1
     # One file's content changes (same size): only that file is decoded again.
     ds = pydicom.dcmread(victim)
@@ -143,37 +143,37 @@ def test_cache_is_reused_and_invalidated(phantom_sites, tmp_path) -> None:
         ds.SeriesDescription = (str(ds.get("SeriesDescription", "")) + "x")[:1]
     ds.InstanceNumber = int(ds.get("InstanceNumber", 1) or 1) + 1
     ds.save_as(victim)
-    load_site_dataset(folder, work, 64)
+    load_site_dataset(folder, work, DataSpec(image_size=64))
     batches = _shard_batches(work)
     assert len(batches) == 2 and len(batches[-1]) == 1
     assert len(list(work.glob("cache/datasets/*.json"))) == 2
     # A new file: only it is decoded; a preprocessing change: a new settings folder.
     shutil.copy(victim, folder / "copy-of-a-file")  # a duplicate SOP Instance, reported
-    grown = load_site_dataset(folder, work, 64)
+    grown = load_site_dataset(folder, work, DataSpec(image_size=64))
     duplicates = [s.file for s in grown.skipped if "duplicate SOPInstanceUID" in s.reason]
     assert len(duplicates) == 1 and duplicates[0] in {"copy-of-a-file",
                                                       str(victim.relative_to(folder))}
     assert len(_shard_batches(work)) == 2  # same bytes as a known file: nothing decoded
-    smaller = load_site_dataset(folder, work, 32)
+    smaller = load_site_dataset(folder, work, DataSpec(image_size=32))
     assert smaller.images.shape[-1] == 32
     assert len(list((work / "cache" / "shards").iterdir())) == 2
     assert all(p.stat().st_mode & 0o077 == 0 for p in (work / "cache").rglob("*.json"))
 
 
 def test_worker_processes_give_the_same_dataset(phantom_sites, tmp_path, monkeypatch) -> None:
-    import client.dataset
+    import client.ingest
 
-    monkeypatch.setattr(client.dataset, "PARALLEL_MIN_FILES_PER_WORKER", 4)  # 25 files
+    monkeypatch.setattr(client.ingest, "PARALLEL_MIN_FILES_PER_WORKER", 4)  # 25 files
     folder = phantom_sites["hospital-b"]  # MONOCHROME1, 12-bit RLE
-    one = load_site_dataset(folder, tmp_path / "one", 48, workers=1)
-    many = load_site_dataset(folder, tmp_path / "many", 48, workers=3)
+    one = load_site_dataset(folder, tmp_path / "one", DataSpec(image_size=48), workers=1)
+    many = load_site_dataset(folder, tmp_path / "many", DataSpec(image_size=48), workers=3)
     assert one.content_hash == many.content_hash
     assert np.array_equal(one.images, many.images) and np.array_equal(one.groups, many.groups)
     assert one.phi_values == many.phi_values and one.skipped == many.skipped
 
 
 def test_split_keeps_each_patient_on_one_side(phantom_sites, tmp_path) -> None:
-    dataset = load_site_dataset(phantom_sites["hospital-a"], tmp_path, 64)
+    dataset = load_site_dataset(phantom_sites["hospital-a"], tmp_path, DataSpec(image_size=64))
     train, val = dataset.split(0.25, seed=3)
     assert len(train) + len(val) == len(dataset.groups) and len(val) > 0
     assert not set(dataset.groups[train]) & set(dataset.groups[val])
@@ -253,7 +253,7 @@ def test_seg_with_other_geometry_is_refused(phantom_sites, tmp_path) -> None:
     assert summary["images"] == 1 and summary["masks_matched"] == 0
     assert summary["skipped"] == [{"file": "seg.dcm", "reason": "mask is 128x128, image is 64x64"}]
     with pytest.raises(ValueError, match="no usable image/mask pairs"):
-        load_site_dataset(root, tmp_path / "work", 32)
+        load_site_dataset(root, tmp_path / "work", DataSpec(image_size=32))
 
 
 def test_masks_kept_as_nifti_pair_like_dicom_seg(phantom_sites, tmp_path) -> None:
@@ -263,7 +263,7 @@ def test_masks_kept_as_nifti_pair_like_dicom_seg(phantom_sites, tmp_path) -> Non
     from client.pixels import seg_pixels
 
     source = phantom_sites["hospital-a"]
-    with_seg = load_site_dataset(source, tmp_path / "seg-work", 64)
+    with_seg = load_site_dataset(source, tmp_path / "seg-work", DataSpec(image_size=64))
     folder = tmp_path / "site"
     shutil.copytree(source, folder)
     segs = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "labels.csv"
@@ -277,8 +277,8 @@ def test_masks_kept_as_nifti_pair_like_dicom_seg(phantom_sites, tmp_path) -> Non
         nib.save(nib.Nifti1Image(voxels, np.eye(4)), str(seg.parent / f"{uid}{suffix}"))
         seg.unlink()
     (folder / "notes.nii").write_bytes(b"not named after an image")
-    with_nifti = load_site_dataset(folder, tmp_path / "nifti-work", 64)
-    assert np.array_equal(with_nifti.masks, with_seg.masks)
+    with_nifti = load_site_dataset(folder, tmp_path / "nifti-work", DataSpec(image_size=64))
+    assert np.array_equal(with_nifti.targets, with_seg.targets)
     assert np.array_equal(with_nifti.images, with_seg.images)
     assert [s.file for s in with_nifti.skipped] == ["notes.nii"]
     assert "rename it after that image's SOPInstanceUID" in with_nifti.skipped[0].reason

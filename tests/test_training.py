@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.dataset import load_site_dataset
+from client.dataset import DataSpec, load_site_dataset
 from client.ledger import Session, epsilon_of
 from client.training import SegmentationAlgo, dp_sampling, plan_noise_multiplier
 from common.config import RunConfig
@@ -56,12 +56,12 @@ def test_local_training_learns_and_dp_counts_steps(phantom_sites, tmp_path) -> N
     torch.set_num_threads(2)
     config = RunConfig.from_mapping({"image-size": 32, "local-epochs": 3, "learning-rate": 0.01,
                                      "batch-size": 3})
-    dataset = load_site_dataset(phantom_sites["hospital-a"], tmp_path, 32)
+    dataset = load_site_dataset(phantom_sites["hospital-a"], tmp_path, DataSpec(image_size=32))
     algo = SegmentationAlgo(config, dataset, torch.device("cpu"))
     assert algo.num_train == 8  # 6 patients, 2 held out, 2 images each
-    before = algo.evaluate().dice
+    before = algo.evaluate().metrics["eval-dice"]
     plain = algo.train(server_round=1, noise_multiplier=None)
-    after = algo.evaluate().dice
+    after = algo.evaluate().metrics["eval-dice"]
     assert after > before + 0.2, (before, after)
     assert plain.steps == 3 * 3  # 8 images, batch 3 -> 3 batches per epoch
     dp = algo.train(server_round=2, noise_multiplier=1.0)
