@@ -107,7 +107,8 @@ def load_volume_dataset(root: Path, work_dir: Path, spec: DataSpec) -> SiteDatas
                        .astype(np.uint8))
         patients.append(row.get("patient") or f"row-{line}")
     if not images:
-        raise DatasetError(f"no usable volume in {manifest}; see the reasons per row")
+        reasons = "; ".join(f"{s.file}: {s.reason}" for s in skipped)
+        raise DatasetError(f"no usable volume in {manifest}: {reasons}")
     order = {p: i for i, p in enumerate(sorted(set(patients)))}
     stacked = np.stack(images)[:, None]
     masks = np.stack(targets)[:, None]

@@ -1,0 +1,126 @@
+"""DP-SGD as properties (as Opacus' own tests): no noise and no clipping equals plain
+training step for step; clipped per-sample gradients have norm <= C; every model of
+every task builds DP-compatible and takes a DP step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.blocks.segresnet_block import ResBlock
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import RunConfig
+from common.models import ModelError, build_model, check_dp_compatible
+
+CASES = {  # id: run config, input shape (one sample), target shape (one sample)
+    "unet-2d": ({"task": "lung-seg", "model": "unet"}, (1, 32, 32), (1, 32, 32)),
+    "basicunet-2d": ({"task": "lung-seg", "model": "basicunet"}, (1, 32, 32), (1, 32, 32)),
+    "segresnet-2d": ({"task": "lung-seg", "model": "segresnet"}, (1, 32, 32), (1, 32, 32)),
+    "unet-3d": ({"task": "volume-seg", "model": "unet"}, (1, 16, 16, 16), (1, 16, 16, 16)),
+    "segresnet-3d": ({"task": "volume-seg", "model": "segresnet"}, (1, 16, 16, 16),
+                     (1, 16, 16, 16)),
+    "densenet121": ({"task": "cxr-classify", "model": "densenet121"}, (1, 32, 32), (2,)),
+}
+
+
+def _data(case: str, n: int, seed: int = 0) -> tuple[RunConfig, TensorDataset, torch.nn.Module]:
+    raw, x_shape, y_shape = CASES[case]
+    config = RunConfig.from_mapping(raw)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand((n, *x_shape), generator=generator)
+    targets = (torch.rand((n, *y_shape), generator=generator) > 0.5).float()
+    loss = DiceCELoss(sigmoid=True) if config.task.is_segmentation \
+        else torch.nn.BCEWithLogitsLoss()
+    return config, TensorDataset(images, targets), loss
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_model_is_dp_compatible_and_takes_a_dp_step(case) -> None:
+    config, data, loss_fn = _data(case, 4)
+    model = build_model(config)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+        poisson_sampling=False)
+    for images, targets in loader:
+        optimizer.zero_grad()
+        loss_fn(model(images), targets).backward()
+        optimizer.step()
+    moved = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(),
+                                                               strict=True)]
+    assert all(moved)  # noise reaches every parameter: every layer has per-sample grads
+
+
+def test_segresnet_without_our_fix_is_refused() -> None:
+    model = build_model(RunConfig.from_mapping({"model": "segresnet"}))
+    broken = copy.deepcopy(model)
+    for module in broken.modules():
+        if isinstance(module, ResBlock):
+            module.__class__ = ResBlock  # MONAI's own block: `x += identity`
+    with pytest.raises(ModelError, match="in-place residual addition"):
+        check_dp_compatible(broken)
+
+
+def test_models_refused_for_the_wrong_task() -> None:
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model must be 'densenet121' for task cxr-classify"):
+        RunConfig.from_mapping({"task": "cxr-classify", "model": "unet"})
+    with pytest.raises(ConfigError, match="for task lung-seg"):
+        RunConfig.from_mapping({"task": "lung-seg", "model": "densenet121"})
+
+
+@pytest.mark.parametrize("case", ["unet-2d", "segresnet-2d", "densenet121"])
+def test_no_noise_and_no_clipping_equals_plain_training(case) -> None:
+    """Step for step, same seed, same batches: the DP machinery adds nothing but DP."""
+    config, data, loss_fn = _data(case, 12, seed=1)
+    plain = build_model(config)
+    private = copy.deepcopy(plain)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    engine = PrivacyEngine(accountant="rdp")
+    private, private_opt, private_loader = engine.make_private(
+        module=private, optimizer=torch.optim.SGD(private.parameters(), lr=0.05),
+        data_loader=DataLoader(data, batch_size=4), noise_multiplier=0.0,
+        max_grad_norm=1e9, poisson_sampling=False)
+    for (x, y), (px, py) in zip(DataLoader(data, batch_size=4), private_loader, strict=True):
+        assert torch.equal(x, px)
+        plain_opt.zero_grad()
+        loss_fn(plain(x), y).backward()
+        plain_opt.step()
+        private_opt.zero_grad()
+        loss_fn(private(px), py).backward()
+        private_opt.step()
+        for a, b in zip(plain.parameters(), private.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["unet-2d", "densenet121"])
+def test_clipped_per_sample_gradients_have_norm_at_most_c(case) -> None:
+    """One sample per step and no noise: the applied gradient is that sample's clipped
+    gradient, so its norm is min(C, unclipped norm); with inputs that give large
+    gradients it is exactly C."""
+    clip = 0.05
+    config, data, loss_fn = _data(case, 3, seed=2)
+    for images, targets in DataLoader(data, batch_size=1):
+        model = build_model(config)
+        reference = copy.deepcopy(model)
+        loss_fn(reference(images), targets).backward()
+        unclipped = torch.sqrt(sum((p.grad ** 2).sum() for p in reference.parameters()))
+        engine = PrivacyEngine(accountant="rdp")
+        model, optimizer, _ = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(images, targets), batch_size=1),
+            noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False)
+        optimizer.zero_grad()
+        loss_fn(model(images), targets).backward()
+        optimizer.pre_step()  # clip per sample, (no) noise, scale: what step() applies
+        applied = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+        assert unclipped > clip  # clipping is active for this sample
+        assert float(applied) <= clip * (1 + 1e-4)
+        assert float(applied) == pytest.approx(clip, rel=1e-3)
