@@ -57,7 +57,8 @@ def main() -> None:
             work = Path(tmp)
             start = time.perf_counter()
             for site in sites:
-                load_site_dataset(site, work / site.name, DataSpec(image_size=SIZE), workers=workers)
+                load_site_dataset(site, work / site.name, DataSpec(image_size=SIZE),
+                                  workers=workers)
             parallel_best = min(parallel_best, time.perf_counter() - start)
     from monai.transforms import LoadImage
 

@@ -135,7 +135,8 @@ def test_cache_is_reused_and_invalidated(phantom_sites, tmp_path) -> None:
     # Touched (new mtime, same bytes): recognised by content, nothing decoded again.
     victim = sorted(folder.rglob("*.dcm"))[0]
     os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
-    assert load_site_dataset(folder, work, DataSpec(image_size=64)).content_hash == first.content_hash
+    touched = load_site_dataset(folder, work, DataSpec(image_size=64))
+    assert touched.content_hash == first.content_hash
     assert len(_shard_batches(work)) == 1 and len(list(work.glob("cache/datasets/*.json"))) == 1
     # One file's content changes (same size): only that file is decoded again.
     ds = pydicom.dcmread(victim)

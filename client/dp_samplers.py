@@ -1,0 +1,110 @@
+"""Faster per-sample gradients for convolutions, on Opacus' grad-sampler hooks.
+
+Opacus computes a convolution's per-sample weight gradients by unfolding the
+input (im2col: kernel-size copies of every activation) and one einsum. For the
+3x3 convolutions of a U-Net or a DenseNet that unfold is most of the DP overhead.
+Here the batch is folded into the channel axis and the weight gradient of a
+convolution with `groups = batch x groups` is asked of PyTorch's own convolution
+backward (oneDNN on CPU, cuDNN on GPU): sample n's gradient is group n's. Same
+numbers as Opacus, up to float summation order; 1x1 convolutions keep Opacus'
+sampler (no unfold there, and its einsum is faster). ConvTranspose layers, which
+Opacus has no sampler for (it falls back to functorch), get the same treatment.
+
+`install()` registers these through Opacus' public `register_grad_sampler`; it is
+called once by client.training. tests/test_dp_samplers.py checks them against
+Opacus' own per-sample gradients and norms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
+from opacus.grad_sample.utils import register_grad_sampler
+from torch import nn
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _weight_grads(layer: Any, x: torch.Tensor, grad_out: torch.Tensor,
+                  transposed: bool) -> torch.Tensor:
+    """(N, *weight.shape): each sample's weight gradient, via one grouped backward."""
+    n = x.shape[0]
+    weight = layer.weight
+    folded_weight = grad_out.new_empty(1).expand((n * weight.shape[0], *weight.shape[1:]))
+    output_padding = list(layer.output_padding) if transposed else [0]
+    grads = torch.ops.aten.convolution_backward(
+        grad_out.reshape(1, -1, *grad_out.shape[2:]),
+        x.reshape(1, -1, *x.shape[2:]),
+        folded_weight,
+        None,
+        list(layer.stride),
+        list(layer.padding),
+        list(layer.dilation),
+        transposed,
+        output_padding,
+        n * layer.groups,
+        (False, True, False),
+    )[1]
+    return grads.view(n, *weight.shape)
+
+
+def _supported(layer: Any) -> bool:
+    return (isinstance(layer.padding, tuple)
+            and getattr(layer, "padding_mode", "zeros") == "zeros")
+
+
+def _bias_grads(layer: Any, grad_out: torch.Tensor) -> dict[Any, torch.Tensor]:
+    bias = getattr(layer, "bias", None)
+    if bias is None or not bias.requires_grad:
+        return {}
+    return {bias: grad_out.flatten(2).sum(dim=2)}
+
+
+def conv_grad_sample(layer: Any, activations: list[torch.Tensor],
+                     backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
+    """Per-sample gradients of a Conv1d/2d/3d (kernel > 1) through a grouped backward."""
+    x = activations[0].to(backprops.dtype)
+    pointwise = all(k == 1 for k in layer.kernel_size)
+    if x.shape[0] == 0 or pointwise or not _supported(layer):
+        return compute_conv_grad_sample(layer, activations, backprops)
+    out = _bias_grads(layer, backprops)
+    if layer.weight.requires_grad:
+        out[layer.weight] = _weight_grads(layer, x, backprops, transposed=False)
+    return out
+
+
+def conv_transpose_grad_sample(layer: Any, activations: list[torch.Tensor],
+                               backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
+    """Per-sample gradients of a ConvTranspose1d/2d/3d through a grouped backward."""
+    x = activations[0].to(backprops.dtype)
+    weight = layer.weight
+    if x.shape[0] == 0:
+        out = {weight: torch.zeros_like(weight).unsqueeze(0)}
+        bias = getattr(layer, "bias", None)
+        if bias is not None and bias.requires_grad:
+            out[bias] = torch.zeros_like(bias).unsqueeze(0)
+        return out
+    if not _supported(layer):  # what Opacus does for a layer it has no sampler for
+        if not hasattr(layer, "ft_compute_sample_grad"):
+            prepare_layer(layer)
+        return ft_compute_per_sample_gradient(layer, activations, backprops)
+    out = _bias_grads(layer, backprops)
+    if weight.requires_grad:
+        out[weight] = _weight_grads(layer, x, backprops, transposed=True)
+    return out
+
+
+_installed = False
+
+
+def install() -> None:
+    """Register the samplers with Opacus (idempotent)."""
+    global _installed
+    if not _installed:
+        register_grad_sampler(list(_CONV))(conv_grad_sample)
+        register_grad_sampler(list(_TRANSPOSED))(conv_transpose_grad_sample)
+        _installed = True
