@@ -25,6 +25,7 @@ from fedrad.consortium import add_site, init_consortium
 APP_DIR = Path(__file__).resolve().parents[1]
 CONFIGS = APP_DIR / "configs"
 FEDERATION = "fedrad-demo"
+SITE_BUDGET = 20.0  # each demo site's own total privacy budget (node config epsilon-budget)
 
 
 class DemoFailed(RuntimeError):
@@ -93,8 +94,13 @@ def format_round(row: dict[str, Any], total: int) -> str:
 
 def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict[str, Any],
              patients: int, say: Callable[[str], None],
-             tick: Callable[[str], None] | None = None) -> DemoResult:
-    """Run the whole federation; every started process is stopped before returning."""
+             tick: Callable[[str], None] | None = None,
+             budgets: dict[str, float] | None = None) -> DemoResult:
+    """Run the whole federation; every started process is stopped before returning.
+
+    `budgets` sets a site's own total privacy budget (node config epsilon-budget;
+    default SITE_BUDGET).
+    """
     start = time.monotonic()
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
@@ -141,7 +147,8 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
                     superlink=address, ca_cert=consortium.tls.ca_cert,
                     auth_key=site_keys.private_key, port=proc.free_port(),
                     node_config={"site-id": site, "data-dir": str(sites[site].resolve()),
-                                 "work-dir": str(site_dir / "work"), "epsilon-budget": 20.0,
+                                 "work-dir": str(site_dir / "work"),
+                                 "epsilon-budget": (budgets or {}).get(site, SITE_BUDGET),
                                  "threads": 1},
                 ),
                 log=logs / f"supernode-{site}.log", cwd=site_dir,

@@ -97,11 +97,22 @@ def main(grid: Grid, context: Context) -> None:
         wait_for_nodes(grid, config.min_sites, config.round_timeout)
         for server_round in range(1, config.num_rounds + 1):
             start = time.perf_counter()
+            if not config.dp.enabled:
+                LOG.warning("round %d: differential privacy is OFF (dp-enabled=false)",
+                            server_round)
             node_ids = wait_for_nodes(grid, config.min_sites, config.round_timeout)
             train = train_round(grid, context, config, server_round=server_round,
                                 global_arrays=global_arrays, node_ids=node_ids)
             names.update(train.site_ids)
-            if train.update is None:
+            if train.update is None:  # recorded (who refused, who dropped), then stop
+                run.record_round(RoundRecord(
+                    server_round=server_round, wall_seconds=time.perf_counter() - start,
+                    slowest_site_seconds=0.0, sites_expected=len(node_ids), sites_trained=0,
+                    secagg=config.secagg.enabled, update_norm=0.0,
+                    score_metric=keys.headline_metric(config.task), pooled_score=float("nan"),
+                    sites=_site_rounds(train, Replies(), names),
+                    failures=sorted(s for s in train.statuses.values() if s != "ok"),
+                ))
                 raise RunAborted(f"round {server_round}: no aggregate (sites: {train.statuses})")
             check_finite(train.update)
             global_arrays = add(global_arrays, train.update)

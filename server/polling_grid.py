@@ -5,6 +5,10 @@ SecAgg+ stage and each evaluation pays it. This wrapper implements the same cont
 the Grid's public `push_messages` / `pull_messages` and delegates everything else, so the
 ServerApp and Flower's own SecAgg+ workflow use it unchanged. (The SuperNode's idle poll
 is fixed inside Flower and is not ours to change.)
+
+It also remembers the error code of every error reply it pulls, per node: Flower's
+SecAgg+ workflow drops a node whose reply is an error without saying why, and a site
+that refuses to train for its privacy budget must be recorded as such.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ class PollingGrid(Grid):  # type: ignore[misc]
             raise ValueError(f"poll interval must be > 0, got {interval}")
         self._grid = grid
         self._interval = interval
+        self._error_codes: dict[int, int] = {}
+
+    def take_error_codes(self) -> dict[int, int]:
+        """Node id -> error code of the error replies pulled since the last call."""
+        codes, self._error_codes = self._error_codes, {}
+        return codes
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -46,7 +56,11 @@ class PollingGrid(Grid):  # type: ignore[misc]
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
+        replies = list(self._grid.pull_messages(message_ids))
+        for reply in replies:
+            if reply.has_error():
+                self._error_codes[reply.metadata.src_node_id] = int(reply.error.code)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

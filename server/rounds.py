@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from common import keys
 from common.config import RunConfig
 from common.secagg import run_secagg_round
+from server.polling_grid import PollingGrid
 
 LOG = logging.getLogger("fedrad.server")
 _KNOWN_ERRORS = {
@@ -44,7 +45,7 @@ def _request(global_arrays: list[np.ndarray], server_round: int) -> RecordDict:
 
 
 def _numbers(values: Any) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items() if k in keys.ALLOWED_METRICS}
+    return {k: float(v) for k, v in values.items() if keys.is_allowed_metric(k)}
 
 
 def _collect(replies: list[Message], out: Replies) -> None:
@@ -58,11 +59,12 @@ def _collect(replies: list[Message], out: Replies) -> None:
         out.statuses[node] = keys.STATUS_OK
 
 
-def train_round(grid: Grid, context: Context, config: RunConfig, *, server_round: int,
+def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, server_round: int,
                 global_arrays: list[np.ndarray], node_ids: list[int]) -> Replies:
     """Ask every node to train; return the weighted mean update and per-site numbers."""
     out = Replies()
     if config.secagg.enabled:
+        grid.take_error_codes()
         outcome = run_secagg_round(
             grid, context, server_round=server_round, global_arrays=global_arrays,
             node_ids=node_ids, fit_config={keys.SERVER_ROUND: server_round},
@@ -72,8 +74,11 @@ def train_round(grid: Grid, context: Context, config: RunConfig, *, server_round
             out.metrics[node] = _numbers(values)
             out.site_ids[node] = str(values.get(keys.SITE_ID, node))
             out.statuses[node] = keys.STATUS_OK
+        errors = grid.take_error_codes()  # why the workflow dropped a node, if it said
         for node in node_ids:
-            out.statuses.setdefault(node, "dropped")
+            if node not in out.statuses:
+                out.statuses[node] = _status_of_error(errors[node]) if node in errors \
+                    else "dropped"
         out.update = outcome.aggregate
         return out
     messages = [

@@ -12,12 +12,11 @@ import torch
 from common.config import RunConfig
 from common.models import build_model
 from common.weights import plain_state_dict
-from fedrad.demo import CONFIGS, run_demo
+from fedrad.demo import CONFIGS, SITE_BUDGET, run_demo
 from tests.conftest import find_canaries
 
 ROUNDS = 3
 TARGET_EPSILON = 8.0
-SITE_BUDGET = 20.0  # what `fedrad demo` gives each site's node config
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +95,34 @@ def test_report_is_written(demo) -> None:
     html = demo.report.read_text()
     assert html.count("data:image/png;base64,") == 2
     assert "completed" in html and f"{ROUNDS} of {ROUNDS} rounds" in html
+
+
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory):
+    """hospital-c's own budget (1.0) is below what one round spends: it must refuse."""
+    out = tmp_path_factory.mktemp("deploy-budget") / "demo"
+    overrides = {"num-rounds": 2, "image-size": 32, "local-epochs": 1, "batch-size": 8,
+                 "dp-target-epsilon": TARGET_EPSILON}
+    result = run_demo(out, data=None, config_file=CONFIGS / "demo.toml", overrides=overrides,
+                      patients=8, say=print, budgets={"hospital-c": 1.0})
+    return result
+
+
+@pytest.mark.deployment
+def test_a_site_over_budget_refuses_and_the_server_records_it(refusing) -> None:
+    """Under SecAgg+ the refusing site is recorded as refused (not merely dropped); the
+    round aggregates the other two (reconstruction threshold 2 of 3); the site spends
+    nothing; the refusal reason is a fixed sentence without data."""
+    for row in refusing.rounds:
+        assert row["sites"]["hospital-c"]["status"] == "refused-privacy-budget"
+        assert row["failures"] == ["refused-privacy-budget"]
+        assert row["sites_trained"] == 2
+        assert "epsilon-total" not in row["sites"]["hospital-c"]["train"]
+        assert row["sites"]["hospital-c"]["evaluation"]  # evaluation spends no budget
+        for site in ("hospital-a", "hospital-b"):
+            assert row["sites"][site]["status"] == "ok"
+            assert row["sites"][site]["train"]["epsilon-total"] > 0
+    ledger = refusing.out / "sites" / "hospital-c" / "work" / "privacy-ledger.json"
+    if ledger.exists():  # the site spent nothing: no session was ever recorded
+        data = json.loads(ledger.read_text())
+        assert all(not entry["sessions"] for entry in data["datasets"].values())
