@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from client import site_logging
 from client.dataset import DataSpec, SiteDataset, load_site_dataset
@@ -127,7 +128,12 @@ def handle_train(msg: Message, context: Context) -> Message:
             keys.DELTA: ledger.delta,
             keys.NOISE_MULTIPLIER: noise,
         })
-    update = subtract(algo.get_weights(), global_arrays)
+    local = algo.get_weights()
+    weight = result.num_examples  # FedAvg weighting ...
+    if config.central_dp.enabled:  # ... or uniform, with each update clipped (central DP)
+        compute_clip_model_update(local, global_arrays, config.central_dp.clipping_norm)
+        weight = 1
+    update = subtract(local, global_arrays)
     check_finite(update)
     metrics.update({
         keys.NUM_EXAMPLES: float(result.num_examples),
@@ -145,8 +151,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     })
     setup.guard.check_record_dict(content)
     if legacy:
-        check_range(update, result.num_examples, config.secagg)
-        return pack_legacy_reply(msg, update, result.num_examples,
+        check_range(update, weight, config.secagg)
+        return pack_legacy_reply(msg, update, weight,
                                  {**metrics, keys.SITE_ID: site.site_id})
     return Message(content, reply_to=msg)
 

@@ -71,6 +71,29 @@ class DPConfig:
 
 
 @dataclass(frozen=True)
+class CentralDPConfig:
+    """Central (site-level) DP: each site clips its update to `clipping_norm`, the server
+    adds Gaussian noise of std noise_multiplier x clipping_norm / sites to the mean of
+    the clipped updates (uniform weights), under SecAgg+ or not."""
+
+    enabled: bool
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if not self.noise_multiplier > 0:
+            raise ConfigError("central-dp-noise-multiplier must be > 0, got "
+                              f"{self.noise_multiplier}")
+        if not self.clipping_norm > 0:
+            raise ConfigError(f"central-dp-clipping-norm must be > 0, got {self.clipping_norm}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"central-dp-delta must be in (0, 1), got {self.delta}")
+
+
+@dataclass(frozen=True)
 class SecAggConfig:
     """SecAgg+ settings of a run."""
 
@@ -115,6 +138,7 @@ class RunConfig:
     seed: int
     round_timeout: float
     dp: DPConfig
+    central_dp: CentralDPConfig
     secagg: SecAggConfig
 
     @classmethod
@@ -153,6 +177,12 @@ class RunConfig:
                 target_epsilon=get.number("dp-target-epsilon"),
                 delta=delta,
                 max_grad_norm=get.number("dp-max-grad-norm"),
+            ),
+            central_dp=CentralDPConfig(
+                enabled=get.boolean("central-dp-enabled"),
+                noise_multiplier=get.number("central-dp-noise-multiplier"),
+                clipping_norm=get.number("central-dp-clipping-norm"),
+                delta=get.number("central-dp-delta"),
             ),
             secagg=SecAggConfig(
                 enabled=get.boolean("secagg-enabled"),
@@ -227,6 +257,10 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "dp-target-epsilon": ("dp", "target_epsilon"),
     "dp-delta": ("dp", "delta"),
     "dp-max-grad-norm": ("dp", "max_grad_norm"),
+    "central-dp-enabled": ("central_dp", "enabled"),
+    "central-dp-noise-multiplier": ("central_dp", "noise_multiplier"),
+    "central-dp-clipping-norm": ("central_dp", "clipping_norm"),
+    "central-dp-delta": ("central_dp", "delta"),
     "secagg-enabled": ("secagg", "enabled"),
     "secagg-min-sites": ("secagg", "min_sites"),
     "secagg-allow-fewer-sites": ("secagg", "allow_fewer_sites"),
@@ -258,6 +292,10 @@ _DEFAULTS: dict[str, Any] = {
     "dp-target-epsilon": 8.0,
     "dp-delta": "auto",
     "dp-max-grad-norm": 1.0,
+    "central-dp-enabled": False,
+    "central-dp-noise-multiplier": 1.0,
+    "central-dp-clipping-norm": 1.0,
+    "central-dp-delta": 1e-5,
     "secagg-enabled": True,
     "secagg-min-sites": 3,
     "secagg-allow-fewer-sites": False,

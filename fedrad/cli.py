@@ -30,6 +30,9 @@ def demo(
     )] = None,
     rounds: Annotated[int | None, typer.Option(help="Override num-rounds")] = None,
     patients: Annotated[int, typer.Option(help="Patients per generated hospital")] = 24,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a run-config key, e.g. --set central-dp-enabled=true "
+        "(repeatable; values in TOML syntax, bare words are strings)")] = None,
 ) -> None:
     """Run a whole federation on this host: 3 hospitals, TLS, node auth, DP, SecAgg+."""
     from rich.console import Console
@@ -41,7 +44,7 @@ def demo(
         raise typer.BadParameter(f"{data} is not a folder", param_hint="--data")
     config_file = config or CONFIGS / ("cxr-lung-seg.toml" if data else "demo.toml")
     out_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    overrides = {"num-rounds": rounds} if rounds else {}
+    overrides = {**_parse_sets(set_ or []), **({"num-rounds": rounds} if rounds else {})}
     try:
         with console.status("starting") as status:
             result = run_demo(out_dir, data=data, config_file=config_file, overrides=overrides,
@@ -53,6 +56,22 @@ def demo(
         raise typer.Exit(1) from exc
     console.print(f"[green]done[/green] in {result.seconds:.0f}s; run folder {result.run_dir}")
     console.print(f"report: {result.report}")
+
+
+def _parse_sets(items: list[str]) -> dict[str, object]:
+    """KEY=VALUE pairs; VALUE read as a TOML value (true, 1.5, "x"), else as a string."""
+    import tomllib
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
+    return out
 
 
 @site_app.command("check")

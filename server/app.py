@@ -14,6 +14,7 @@ from common import keys
 from common.config import RunConfig
 from common.models import build_model, load_pretrained
 from common.weights import add, check_finite, from_arrays, global_norm, plain_state_dict, to_arrays
+from server.central_dp import CentralDP
 from server.polling_grid import PollingGrid
 from server.registry import RoundRecord, RunFolder, SiteRound, server_home
 from server.report import write_report
@@ -91,6 +92,7 @@ def main(grid: Grid, context: Context) -> None:
         load_pretrained(model, Path(config.init_weights).expanduser())
         LOG.info("initial weights from %s", config.init_weights)
     template = plain_state_dict(model)
+    central = CentralDP(config.central_dp) if config.central_dp.enabled else None
     global_arrays = to_arrays(template)
     names: dict[int, str] = {}
     try:
@@ -115,6 +117,12 @@ def main(grid: Grid, context: Context) -> None:
                 ))
                 raise RunAborted(f"round {server_round}: no aggregate (sites: {train.statuses})")
             check_finite(train.update)
+            if central is not None:
+                contributors = sum(1 for s in train.statuses.values() if s == keys.STATUS_OK)
+                central.privatise(train.update, contributors)
+                LOG.info("round %d: central DP noise std %.4g over %d sites, ε %.3f "
+                         "(δ %g)", server_round, central.noise_std(contributors),
+                         contributors, central.epsilon(), config.central_dp.delta)
             global_arrays = add(global_arrays, train.update)
             evaluation = evaluate_round(grid, config, server_round=server_round,
                                         global_arrays=global_arrays, node_ids=node_ids)
@@ -135,6 +143,7 @@ def main(grid: Grid, context: Context) -> None:
                 update_norm=global_norm(train.update),
                 score_metric=keys.headline_metric(config.task),
                 pooled_score=_pooled(evaluation, keys.headline_metric(config.task)),
+                central_epsilon=central.epsilon() if central is not None else None,
                 sites=_site_rounds(train, evaluation, names),
                 failures=sorted(s for s in train.statuses.values() if s != "ok"),
             )

@@ -55,6 +55,7 @@ class RoundRecord:
     pooled_score: float  # that metric, averaged over sites weighted by examples
     sites: dict[str, SiteRound]
     failures: list[str]
+    central_epsilon: float | None = None  # central DP: ε spent by the releases so far
 
     @property
     def overhead_seconds(self) -> float:

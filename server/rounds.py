@@ -96,6 +96,8 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
     for node in node_ids:
         out.statuses.setdefault(node, "no-reply")
     if updates:
+        if config.central_dp.enabled:  # site-level DP: clipped updates, uniform weights
+            weights = [1.0] * len(updates)
         out.update = [
             np.average(np.stack(layer), axis=0, weights=weights).astype(np.float32)
             for layer in zip(*updates, strict=True)
