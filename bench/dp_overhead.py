@@ -4,7 +4,8 @@ Usage: python bench/dp_overhead.py [--steps N] [--repeats R] [--threads T]
 
 Models: MONAI DenseNet121 (cxr-classify) and UNet (lung-seg), built exactly as fedrad
 builds them (GroupNorm, no in-place ops), 128 x 128 inputs, batch 16, Adam. An "epoch"
-is `steps` batches; each mode is timed best-of-`repeats`, all in this process:
+is `steps` batches; each mode is timed best-of-`repeats`, all in this process, the
+modes interleaved within each repeat:
 
 - plain: no DP;
 - opacus-hooks: Opacus 1.6 defaults (per-sample gradients by its hooks; im2col for
@@ -29,6 +30,7 @@ from monai.losses import DiceCELoss
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
+from client import dp_samplers
 from common.config import RunConfig
 from common.models import build_model
 
@@ -77,18 +79,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     modes = ["plain", "opacus-hooks", "opacus-functorch", "fedrad"]
     best: dict[tuple[str, str], float] = {}
-    for mode in modes:  # fedrad last: installing its samplers changes Opacus' registry
-        if mode == "fedrad":
-            from client import dp_samplers
-
-            dp_samplers.install()
+    failed: set[tuple[str, str]] = set()
+    dp_samplers.install()
+    for _ in range(args.repeats):  # modes interleaved, so drift on the machine hits all
         for name in MODELS:
-            for _ in range(args.repeats):
+            for mode in modes:
+                if (name, mode) in failed:
+                    continue
                 try:
-                    seconds = _epoch(name, mode, args.steps)
+                    if mode.startswith("opacus"):
+                        with dp_samplers.opacus_defaults():
+                            seconds = _epoch(name, mode, args.steps)
+                    else:
+                        seconds = _epoch(name, mode, args.steps)
                 except Exception as exc:  # noqa: BLE001 - a mode that fails is reported
                     print(f"{name:12s} {mode:17s} fails: {type(exc).__name__}: {exc}"[:160])
-                    break
+                    failed.add((name, mode))
+                    continue
                 best[name, mode] = min(best.get((name, mode), float("inf")), seconds)
     print(f"{args.steps} steps of batch {BATCH} at {SIZE}x{SIZE}, {args.threads} threads, "
           f"best of {args.repeats}")

@@ -17,11 +17,17 @@ Opacus' own per-sample gradients and norms.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
+from opacus.grad_sample.grad_sample_module import GradSampleHooks
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+    GradSampleHooksFastGradientClipping,
+)
 from opacus.grad_sample.utils import register_grad_sampler
 from torch import nn
 
@@ -98,13 +104,26 @@ def conv_transpose_grad_sample(layer: Any, activations: list[torch.Tensor],
     return out
 
 
-_installed = False
-
-
 def install() -> None:
     """Register the samplers with Opacus (idempotent)."""
-    global _installed
-    if not _installed:
-        register_grad_sampler(list(_CONV))(conv_grad_sample)
-        register_grad_sampler(list(_TRANSPOSED))(conv_transpose_grad_sample)
-        _installed = True
+    register_grad_sampler(list(_CONV))(conv_grad_sample)
+    register_grad_sampler(list(_TRANSPOSED))(conv_transpose_grad_sample)
+
+
+@contextmanager
+def opacus_defaults() -> Iterator[None]:
+    """Opacus' own samplers inside the block (bench/dp_overhead.py compares both)."""
+    registries = (GradSampleHooks.GRAD_SAMPLERS, GradSampleHooksFastGradientClipping.GRAD_SAMPLERS)
+    saved = [{k: r[k] for k in (*_CONV, *_TRANSPOSED) if k in r} for r in registries]
+    for registry in registries:
+        for layer_type in (*_CONV, *_TRANSPOSED):
+            registry.pop(layer_type, None)
+        for layer_type in _CONV:
+            registry[layer_type] = compute_conv_grad_sample
+    try:
+        yield
+    finally:
+        for registry, entries in zip(registries, saved, strict=True):
+            for layer_type in (*_CONV, *_TRANSPOSED):
+                registry.pop(layer_type, None)
+            registry.update(entries)

@@ -7,6 +7,7 @@ module output modified in place), checked with Opacus' ModuleValidator.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -70,7 +71,7 @@ def load_pretrained(model: torch.nn.Module, path: Path) -> None:
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
         raise ModelError(f"init-weights {path}: cannot be read as a PyTorch state dict "
                          f"({type(exc).__name__})") from exc
     if not isinstance(state, dict):

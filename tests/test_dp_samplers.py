@@ -70,3 +70,17 @@ def test_empty_batch_gives_zero_samples() -> None:
     x = torch.zeros(0, 4, 9, 9)
     out = conv_transpose_grad_sample(layer, [x], torch.zeros(0, 3, 18, 18))
     assert out[layer.weight].shape == (1, *layer.weight.shape) and not out[layer.weight].any()
+
+
+def test_opacus_defaults_are_restored_around_a_block() -> None:
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    from client import dp_samplers
+
+    dp_samplers.install()
+    assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is conv_grad_sample
+    with dp_samplers.opacus_defaults():
+        assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is compute_conv_grad_sample
+        assert nn.ConvTranspose2d not in GradSampleHooks.GRAD_SAMPLERS
+    assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is conv_grad_sample
+    assert GradSampleHooks.GRAD_SAMPLERS[nn.ConvTranspose2d] is conv_transpose_grad_sample

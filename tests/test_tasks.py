@@ -130,3 +130,29 @@ def test_3d_segmentation_trains_with_dp(model, tmp_path) -> None:
     assert result.steps >= 2 and np.isfinite(result.loss)
     metrics = algo.evaluate().metrics
     assert 0.0 <= metrics["eval-dice"] <= 1.0
+
+
+def test_init_weights_from_a_local_file_for_transfer_learning(tmp_path) -> None:
+    """Backbone tensors load by name and shape; a head for other labels keeps its init;
+    a file for another model is refused by name."""
+    from common.models import ModelError, build_model, load_pretrained
+
+    three = RunConfig.from_mapping({"task": "cxr-classify", "model": "densenet121",
+                                    "labels": "a,b,c", "seed": 1})
+    source = build_model(three)
+    torch.save({f"_module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "w.pt")
+    one = RunConfig.from_mapping({"task": "cxr-classify", "model": "densenet121",
+                                  "labels": "label_covid", "seed": 2})
+    target = build_model(one)
+    head = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("class_layers")}
+    load_pretrained(target, tmp_path / "w.pt")
+    state, reference = target.state_dict(), source.state_dict()
+    backbone = [k for k in state if k.startswith("features")]
+    assert backbone and all(torch.equal(state[k], reference[k]) for k in backbone)
+    assert all(torch.equal(state[k], v) for k, v in head.items())  # other shape: untouched
+    torch.save(build_model(RunConfig.from_mapping({})).state_dict(), tmp_path / "unet.pt")
+    with pytest.raises(ModelError, match="no tensor matches"):
+        load_pretrained(target, tmp_path / "unet.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot be read as a PyTorch state dict"):
+        load_pretrained(target, tmp_path / "junk.pt")
