@@ -1,7 +1,8 @@
 """fedrad's ClientApp: a thin adapter from Flower messages to the site's training code.
 
 Top-level imports stay light (no torch): SecAgg+'s key-exchange stages run in
-their own `flwr-clientapp` processes and need none of it.
+their own `flwr-clientapp` processes and need none of it, and training and
+evaluation go to the site worker (client.worker) when one is running.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.errors import SiteRefusal, site_failure
+from client.messages import handle_evaluate, handle_train
 from common.secagg import CLIENT_MODS
 
 LOG = logging.getLogger("fedrad.client")
@@ -37,14 +39,10 @@ app = ClientApp(mods=[sanitising_mod, *CLIENT_MODS])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local DP training on the site's data; replies with the update (local - global)."""
-    from client.site_round import handle_train
-
     return handle_train(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's held-out patients."""
-    from client.site_round import handle_evaluate
-
     return handle_evaluate(msg, context)

@@ -1,10 +1,14 @@
-"""One round at a site: load data, check the privacy budget, train, reply with the update.
+"""One round at a site: load data, check the privacy budget, train or evaluate.
 
-Called from `client.app` (the ClientApp); holds all the heavy imports.
+Plain inputs in (global arrays, round, the site's node config, the run config), plain
+outputs out; client.messages turns them into Flower replies. Runs in the site worker
+(client.worker), which keeps one warm setup per run, or in a `flwr-clientapp` process.
+Holds all the heavy imports.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -12,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from client import site_logging
@@ -32,11 +36,12 @@ from client.training import (
 from common import keys
 from common.config import RunConfig
 from common.phi import PHIGuard
-from common.secagg import check_range, is_legacy_train, pack_legacy_reply, unpack_legacy_train
+from common.secagg import check_range
 from common.weights import check_finite, global_norm, subtract
 
 LOG = logging.getLogger("fedrad.client")
 LEDGER_FILE = "privacy-ledger.json"
+WARM_RUNS = 2  # setups a worker keeps (the current run and the one before)
 
 
 @dataclass(frozen=True)
@@ -49,13 +54,20 @@ class _Setup:
     load_seconds: float
 
 
-def _setup(context: Context) -> _Setup:
+_warm: dict[str, _Setup] = {}
+
+
+def _setup(run_id: int, node_config: dict[str, Any], run_config: dict[str, Any]) -> _Setup:
+    """The run's data and model: built once per run and process, then reused warm."""
+    key = json.dumps([run_id, node_config, run_config], sort_keys=True, default=str)
+    if key in _warm:
+        return _Setup(**{**_warm[key].__dict__, "load_seconds": 0.0})
     start = time.perf_counter()
-    site = SiteConfig.from_mapping(context.node_config)
+    site = SiteConfig.from_mapping(node_config)
     site_logging.configure(site.work_dir)
     if site.threads:
         torch.set_num_threads(site.threads)
-    config = RunConfig.from_mapping(context.run_config)
+    config = RunConfig.from_mapping(run_config)
     spec = DataSpec(task=config.task, image_size=config.image_size,
                     voi_window=config.voi_window, labels=config.labels,
                     labels_file=site.labels_file, labels_key=site.labels_key,
@@ -63,33 +75,20 @@ def _setup(context: Context) -> _Setup:
     dataset = load_site_dataset(site.data_dir, site.work_dir, spec,
                                 workers=site.ingest_workers)
     algo = build_algo(config, dataset, pick_device(site.device))
-    return _Setup(
-        site=site,
-        config=config,
-        dataset=dataset,
-        algo=algo,
-        guard=PHIGuard(dataset.phi_values),
-        load_seconds=time.perf_counter() - start,
-    )
+    setup = _Setup(site=site, config=config, dataset=dataset, algo=algo,
+                   guard=PHIGuard(dataset.phi_values),
+                   load_seconds=time.perf_counter() - start)
+    _warm[key] = setup
+    while len(_warm) > WARM_RUNS:
+        del _warm[next(iter(_warm))]
+    return setup
 
 
-def _server_round(config_values: Any) -> int:
-    value = config_values[keys.SERVER_ROUND]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{keys.SERVER_ROUND} must be a positive integer")
-    return value
-
-
-def handle_train(msg: Message, context: Context) -> Message:
-    """Train locally with DP-SGD and reply with (local - global) and metrics."""
-    legacy = is_legacy_train(msg)
-    if legacy:
-        global_arrays, fit_config = unpack_legacy_train(msg)
-        server_round = _server_round(fit_config)
-    else:
-        global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
-        server_round = _server_round(msg.content.config_records[keys.ROUND])
-    setup = _setup(context)
+def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[str, Any],
+                  global_arrays: list[np.ndarray], server_round: int,
+                  legacy: bool) -> dict[str, Any]:
+    """Train locally with DP-SGD: the update (local - global), its FedAvg weight, metrics."""
+    setup = _setup(run_id, node_config, run_config)
     config, site, algo = setup.config, setup.site, setup.algo
     check_finite(global_arrays)
     algo.set_weights(global_arrays)
@@ -101,13 +100,13 @@ def handle_train(msg: Message, context: Context) -> Message:
         delta = config.dp.delta or default_delta(algo.num_train)
         ledger = PrivacyLedger(site.work_dir / LEDGER_FILE, setup.dataset.content_hash,
                                budget=site.epsilon_budget, delta=delta)
-        noise = ledger.run_noise_multiplier(context.run_id) or plan_noise_multiplier(
+        noise = ledger.run_noise_multiplier(run_id) or plan_noise_multiplier(
             config, num_train=algo.num_train, delta=ledger.delta
         )
         sample_rate, per_epoch = dp_sampling(algo.num_train, config.batch_size)
         planned_steps = config.local_epochs * per_epoch
         try:
-            ledger.check(Session(context.run_id, server_round, noise, sample_rate, planned_steps))
+            ledger.check(Session(run_id, server_round, noise, sample_rate, planned_steps))
         except BudgetExceeded as exc:
             LOG.warning("round %d refused: %s", server_round, exc)
             raise budget_refusal() from exc
@@ -118,9 +117,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     result = algo.train(server_round=server_round, noise_multiplier=noise)
     if ledger is not None and noise is not None:
         spent = ledger.record(
-            Session(context.run_id, server_round, noise, result.sample_rate, result.steps)
+            Session(run_id, server_round, noise, result.sample_rate, result.steps)
         )
-        run_sessions = [s for s in ledger.sessions if s.run_id == context.run_id]
+        run_sessions = [s for s in ledger.sessions if s.run_id == run_id]
         metrics.update({
             keys.EPSILON_TOTAL: spent,
             keys.EPSILON_ROUND: epsilon_of(run_sessions, ledger.delta),
@@ -133,7 +132,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     if config.central_dp.enabled:  # ... or uniform, with each update clipped (central DP)
         compute_clip_model_update(local, global_arrays, config.central_dp.clipping_norm)
         weight = 1
-    update = subtract(local, global_arrays)
+    update = [np.asarray(a, dtype=np.float32) for a in subtract(local, global_arrays)]
     check_finite(update)
     metrics.update({
         keys.NUM_EXAMPLES: float(result.num_examples),
@@ -144,36 +143,33 @@ def handle_train(msg: Message, context: Context) -> Message:
     })
     LOG.info("round %d trained: %d examples, %d steps, %.1fs", server_round,
              result.num_examples, result.steps, result.seconds)
-    content = RecordDict({
-        keys.UPDATE: ArrayRecord([np.asarray(a, dtype=np.float32) for a in update]),
+    setup.guard.check_record_dict(RecordDict({  # what client.messages will send
+        keys.UPDATE: ArrayRecord(update),
         keys.METRICS: MetricRecord(metrics),
         keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id, keys.STATUS: keys.STATUS_OK}),
-    })
-    setup.guard.check_record_dict(content)
+    }))
     if legacy:
         check_range(update, weight, config.secagg)
-        return pack_legacy_reply(msg, update, weight,
-                                 {**metrics, keys.SITE_ID: site.site_id})
-    return Message(content, reply_to=msg)
+    return {"update": update, "weight": weight, "metrics": metrics, "site_id": site.site_id}
 
 
-def handle_evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global weights on the held-out patients."""
-    global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
-    _server_round(msg.content.config_records[keys.ROUND])
-    setup = _setup(context)
+def evaluate_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[str, Any],
+                     global_arrays: list[np.ndarray], server_round: int) -> dict[str, Any]:
+    """The task's metrics of the global model on the held-out patients."""
+    setup = _setup(run_id, node_config, run_config)
     check_finite(global_arrays)
     setup.algo.set_weights(global_arrays)
     result = setup.algo.evaluate()
-    content = RecordDict({
-        keys.METRICS: MetricRecord({
-            keys.EVAL_LOSS: result.loss,
-            **result.metrics,
-            keys.NUM_EXAMPLES: float(result.num_examples),
-            keys.EVAL_SECONDS: result.seconds,
-            keys.LOAD_SECONDS: setup.load_seconds,
-        }),
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        keys.EVAL_LOSS: result.loss,
+        **result.metrics,
+        keys.NUM_EXAMPLES: float(result.num_examples),
+        keys.EVAL_SECONDS: result.seconds,
+        keys.LOAD_SECONDS: setup.load_seconds,
+    }
+    setup.guard.check_record_dict(RecordDict({
+        keys.METRICS: MetricRecord(metrics),
         keys.SITE: ConfigRecord({keys.SITE_ID: setup.site.site_id, keys.STATUS: keys.STATUS_OK}),
-    })
-    setup.guard.check_record_dict(content)
-    return Message(content, reply_to=msg)
+    }))
+    LOG.info("round %d evaluated on %d examples", server_round, result.num_examples)
+    return {"metrics": metrics, "site_id": setup.site.site_id}

@@ -74,6 +74,21 @@ def _parse_sets(items: list[str]) -> dict[str, object]:
     return out
 
 
+@site_app.command("worker")
+def site_worker(
+    work_dir: Annotated[Path, typer.Option(help="The site's work folder (node config "
+                                                "work-dir)")],
+) -> None:
+    """Keep the training stack imported and the site's data warm for its SuperNode.
+
+    Start it beside the SuperNode, with the same work folder; the ClientApp uses it
+    when it is running and trains in its own process otherwise.
+    """
+    from client.worker import serve
+
+    serve(work_dir.expanduser().resolve())
+
+
 @site_app.command("check")
 def site_check(
     data: Annotated[Path, typer.Option(help="The site's DICOM export folder")],

@@ -25,6 +25,7 @@ from fedrad.consortium import add_site, init_consortium
 APP_DIR = Path(__file__).resolve().parents[1]
 CONFIGS = APP_DIR / "configs"
 FEDERATION = "fedrad-demo"
+START_WORKERS = True  # one site worker per site (client.worker); bench/ turns it off
 SITE_BUDGET = 20.0  # each demo site's own total privacy budget (node config epsilon-budget)
 
 
@@ -127,6 +128,10 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
                           ca_cert=consortium.tls.ca_cert)
     logs = out / "logs"
     with proc.ProcessGroup() as group:
+        for site in sites if START_WORKERS else []:  # they import while the rest starts
+            site_dir = out / "sites" / site
+            group.start(f"worker-{site}", proc.worker_command(work_dir=site_dir / "work"),
+                        log=logs / f"worker-{site}.log", cwd=site_dir, env={})
         say(f"starting SuperLink (TLS, node authentication) on {address}")
         server_dir = out / "server"
         superlink = group.start(

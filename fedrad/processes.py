@@ -173,6 +173,11 @@ def node_config_arg(values: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def worker_command(*, work_dir: Path) -> list[str]:
+    """The site worker (client.worker): training stack imported once, data kept warm."""
+    return [sys.executable, "-m", "client.worker", "--work-dir", str(work_dir)]
+
+
 def supernode_command(*, superlink: str, ca_cert: Path, auth_key: Path, port: int,
                       node_config: dict[str, Any]) -> list[str]:
     return [

@@ -13,8 +13,10 @@ from server.polling_grid import PollingGrid
 class FakeGrid:
     """Replies become available `delay` seconds after the push (what a SuperLink does)."""
 
-    def __init__(self, delay: float, never: set[str] | None = None) -> None:
+    def __init__(self, delay: float, never: set[str] | None = None,
+                 errors: dict[str, int] | None = None) -> None:
         self.delay, self.never, self.pulls = delay, never or set(), 0
+        self.errors = errors or {}  # message id -> error code of its reply
         self.pushed_at = 0.0
 
     def push_messages(self, messages):
@@ -25,8 +27,14 @@ class FakeGrid:
         self.pulls += 1
         if time.monotonic() - self.pushed_at < self.delay:
             return []
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
-                for i in ids if i not in self.never]
+        return [self._reply(i) for i in ids if i not in self.never]
+
+    def _reply(self, message_id: str) -> SimpleNamespace:
+        code = self.errors.get(message_id)
+        return SimpleNamespace(
+            metadata=SimpleNamespace(reply_to_message_id=message_id,
+                                     src_node_id=int(message_id.removeprefix("id-"))),
+            has_error=lambda: code is not None, error=SimpleNamespace(code=code))
 
 
 def test_replies_arrive_within_one_short_interval() -> None:
@@ -50,3 +58,12 @@ def test_timeout_returns_what_arrived() -> None:
 def test_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="poll interval must be > 0"):
         PollingGrid(FakeGrid(0.0), interval=0)
+
+
+def test_error_codes_are_remembered_per_node_until_taken() -> None:
+    fake = FakeGrid(delay=0.0, errors={"id-2": 1002})
+    grid = PollingGrid(fake, interval=0.05)
+    replies = list(grid.send_and_receive([1, 2, 3], timeout=5))
+    assert len(replies) == 3
+    assert grid.take_error_codes() == {2: 1002}
+    assert grid.take_error_codes() == {}

@@ -1,0 +1,78 @@
+"""Round overhead of a real deployment: SuperLink + 3 SuperNodes (+ site workers) on
+127.0.0.1, TLS, node authentication, SecAgg+ and DP-SGD, as `fedrad demo` runs them.
+
+Usage: python bench/round_overhead.py [--workload small|densenet] [--rounds N]
+                                      [--no-workers] [--out DIR]
+
+- small: the demo's own workload (UNet 64 px, 24 generated patients x 2 images per site,
+  2 local epochs);
+- densenet: issue 7's workload (DenseNet121 at 128 px, 150 patients x 2 images = 300 images
+  per site, cxr-classify on the phantoms' nodule label, 1 local epoch).
+
+Round overhead = round wall time - the slowest site's (data loading + training +
+evaluation) time, from the run's metrics.jsonl. The last line is
+`overhead_fraction=<mean overhead / mean round wall time>` over the rounds after the
+first (round 1 also pays process start-up and the first decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from fedrad import demo as demo_module
+from fedrad.demo import CONFIGS, run_demo
+
+WORKLOADS = {
+    "small": ({}, 24),
+    "densenet": ({"task": "cxr-classify", "model": "densenet121", "labels": "label_nodule",
+                  "image-size": 128, "local-epochs": 1, "batch-size": 16,
+                  "learning-rate": 0.001}, 150),
+}
+
+
+def _site_seconds(site: dict) -> float:
+    train, evaluation = site.get("train", {}), site.get("evaluation", {})
+    return (train.get("load-seconds", 0.0) + train.get("train-seconds", 0.0)
+            + evaluation.get("load-seconds", 0.0) + evaluation.get("eval-seconds", 0.0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-workers", action="store_true",
+                        help="no site workers: every message imports the training stack")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    overrides, patients = WORKLOADS[args.workload]
+    out = args.out or Path(tempfile.mkdtemp(prefix="round-overhead-")) / "demo"
+    if args.no_workers:
+        demo_module.START_WORKERS = False
+    start = time.monotonic()
+    result = run_demo(out, data=None, config_file=CONFIGS / "demo.toml",
+                      overrides={**overrides, "num-rounds": args.rounds}, patients=patients,
+                      say=lambda line: None)
+    print(f"workload={args.workload} rounds={args.rounds} workers={not args.no_workers} "
+          f"total {time.monotonic() - start:.0f}s, run folder {result.run_dir}")
+    walls, overheads = [], []
+    for row in result.rounds:
+        slowest = max((_site_seconds(s) for s in row["sites"].values()), default=0.0)
+        overhead = row["wall_seconds"] - slowest
+        print(f"round {row['server_round']}: wall {row['wall_seconds']:.1f}s, slowest site "
+              f"{slowest:.1f}s (load+train+eval), overhead {overhead:.1f}s")
+        if row["server_round"] > 1:
+            walls.append(row["wall_seconds"])
+            overheads.append(overhead)
+    if not walls:  # a single round: report it anyway
+        walls = [result.rounds[0]["wall_seconds"]]
+        overheads = [walls[0] - max(_site_seconds(s) for s in result.rounds[0]["sites"].values())]
+    mean_overhead = sum(overheads) / len(overheads)
+    print(f"overhead per round (mean of rounds 2+): {mean_overhead:.1f}s")
+    print(f"overhead_fraction={mean_overhead / (sum(walls) / len(walls)):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""From Flower messages to plain round inputs and back; light (no torch).
+
+The computation itself (client.site_round) runs in the site worker when one is
+listening (client.worker: imports paid once, data and model warm), otherwise in this
+`flwr-clientapp` process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client import worker
+from common import keys
+from common.secagg import is_legacy_train, pack_legacy_reply, unpack_legacy_train
+
+
+def _server_round(config_values: Any) -> int:
+    value = config_values[keys.SERVER_ROUND]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{keys.SERVER_ROUND} must be a positive integer")
+    return value
+
+
+def _compute(kind: str, context: Context, request: dict[str, Any]) -> dict[str, Any]:
+    request = {**request, "run_id": int(context.run_id),
+               "node_config": dict(context.node_config),
+               "run_config": dict(context.run_config)}
+    work_dir = Path(str(context.node_config.get("work-dir", ""))).expanduser()
+    try:
+        return worker.call(work_dir, kind, request)  # type: ignore[no-any-return]
+    except worker.WorkerUnavailable:
+        from client import site_round
+
+        compute = site_round.train_outcome if kind == "train" else site_round.evaluate_outcome
+        return compute(**request)
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train locally with DP-SGD and reply with (local - global) and metrics."""
+    legacy = is_legacy_train(msg)
+    if legacy:
+        global_arrays, fit_config = unpack_legacy_train(msg)
+        server_round = _server_round(fit_config)
+    else:
+        global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
+        server_round = _server_round(msg.content.config_records[keys.ROUND])
+    out = _compute("train", context, {"global_arrays": global_arrays,
+                                      "server_round": server_round, "legacy": legacy})
+    if legacy:
+        return pack_legacy_reply(msg, out["update"], out["weight"],
+                                 {**out["metrics"], keys.SITE_ID: out["site_id"]})
+    content = RecordDict({  # the same records the PHI guard passed in site_round
+        keys.UPDATE: ArrayRecord([np.asarray(a, dtype=np.float32) for a in out["update"]]),
+        keys.METRICS: MetricRecord(out["metrics"]),
+        keys.SITE: ConfigRecord({keys.SITE_ID: out["site_id"], keys.STATUS: keys.STATUS_OK}),
+    })
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the site's held-out patients."""
+    global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
+    server_round = _server_round(msg.content.config_records[keys.ROUND])
+    out = _compute("evaluate", context, {"global_arrays": global_arrays,
+                                         "server_round": server_round})
+    content = RecordDict({
+        keys.METRICS: MetricRecord(out["metrics"]),
+        keys.SITE: ConfigRecord({keys.SITE_ID: out["site_id"], keys.STATUS: keys.STATUS_OK}),
+    })
+    return Message(content, reply_to=msg)
