@@ -34,6 +34,7 @@ from client.training import (
     plan_noise_multiplier,
 )
 from common import keys
+from common.audit import AuditLog, digest
 from common.config import RunConfig
 from common.phi import PHIGuard
 from common.secagg import check_range
@@ -55,6 +56,12 @@ class _Setup:
 
 
 _warm: dict[str, _Setup] = {}
+AUDIT_FILE = "audit.jsonl"
+
+
+def _audit(site: SiteConfig) -> AuditLog:
+    """The site's own audit log: what it trained and sent (sizes, hashes), never data."""
+    return AuditLog(site.work_dir / AUDIT_FILE)
 
 
 def _setup(run_id: int, node_config: dict[str, Any], run_config: dict[str, Any]) -> _Setup:
@@ -109,6 +116,8 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
             ledger.check(Session(run_id, server_round, noise, sample_rate, planned_steps))
         except BudgetExceeded as exc:
             LOG.warning("round %d refused: %s", server_round, exc)
+            _audit(site).append("round-refused", run_id=str(run_id), round=server_round,
+                                reason="privacy budget")
             raise budget_refusal() from exc
     else:
         LOG.warning("round %d: differential privacy is OFF for this run (dp-enabled=false)",
@@ -150,6 +159,11 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
     }))
     if legacy:
         check_range(update, weight, config.secagg)
+    _audit(site).append("update-sent", run_id=str(run_id), round=server_round,
+                        bytes=sum(a.nbytes for a in update),
+                        sha256=digest(b"".join(a.tobytes() for a in update)),
+                        examples=result.num_examples,
+                        epsilon_total=metrics.get(keys.EPSILON_TOTAL))
     return {"update": update, "weight": weight, "metrics": metrics, "site_id": site.site_id}
 
 
@@ -172,4 +186,6 @@ def evaluate_outcome(*, run_id: int, node_config: dict[str, Any], run_config: di
         keys.SITE: ConfigRecord({keys.SITE_ID: setup.site.site_id, keys.STATUS: keys.STATUS_OK}),
     }))
     LOG.info("round %d evaluated on %d examples", server_round, result.num_examples)
+    _audit(setup.site).append("metrics-sent", run_id=str(run_id), round=server_round,
+                              names=sorted(metrics))
     return {"metrics": metrics, "site_id": setup.site.site_id}

@@ -15,6 +15,23 @@ import typer
 app = typer.Typer(help="fedrad: federated learning across hospitals.", no_args_is_help=True)
 site_app = typer.Typer(help="Commands for hospital IT running a site.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
+audit_app = typer.Typer(help="Audit logs (hash-chained, append-only).", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    path: Annotated[Path, typer.Argument(help="An audit log (audit.jsonl)")],
+) -> None:
+    """Check every entry's hash and link; exit 1 naming the first altered line."""
+    from common.audit import AuditError, verify
+
+    try:
+        head = verify(path)
+    except AuditError as exc:
+        typer.echo(f"audit log altered: {exc}")
+        raise typer.Exit(1) from exc
+    typer.echo(f"{path}: {head.entries} entries, chain intact, last hash {head.last_hash}")
 
 
 @app.command()

@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys
+from common.audit import digest
 from common.config import RunConfig
 from common.models import build_model, load_pretrained
 from common.weights import add, check_finite, from_arrays, global_norm, plain_state_dict, to_arrays
@@ -103,6 +104,9 @@ def main(grid: Grid, context: Context) -> None:
                 LOG.warning("round %d: differential privacy is OFF (dp-enabled=false)",
                             server_round)
             node_ids = wait_for_nodes(grid, config.min_sites, config.round_timeout)
+            run.audit.append("global-model-sent", run_id=run.run_id, round=server_round,
+                             nodes=len(node_ids), bytes=sum(a.nbytes for a in global_arrays),
+                             sha256=digest(b"".join(a.tobytes() for a in global_arrays)))
             train = train_round(grid, context, config, server_round=server_round,
                                 global_arrays=global_arrays, node_ids=node_ids)
             names.update(train.site_ids)

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from common.audit import AuditLog, digest
+
 SERVER_HOME_ENV = "FEDRAD_SERVER_HOME"
 
 
@@ -73,6 +75,8 @@ class RunFolder:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.audit = AuditLog(root.parent.parent / "audit.jsonl")  # the server home's log
+        self.run_id = root.name
         self.checkpoints = root / "checkpoints"
         self.metrics_path = root / "metrics.jsonl"
         self._writer: Any = None
@@ -85,6 +89,8 @@ class RunFolder:
         _write_json(folder.root / "registry.json",
                     {"run_id": str(run_id), "status": "running", "checkpoints": {}})
         folder.metrics_path.touch()
+        folder.audit.append("run-started", run_id=str(run_id),
+                            config_sha256=digest((folder.root / "config.json").read_bytes()))
         return folder
 
     def _tensorboard(self) -> Any:
@@ -115,19 +121,28 @@ class RunFolder:
         }
         previous = self.read_json("epsilon.json") or {}
         _write_json(self.root / "epsilon.json", {**previous, **epsilon})
+        self.audit.append("round-completed", run_id=self.run_id, round=record.server_round,
+                          sites={s: site.status for s, site in record.sites.items()},
+                          update_norm=record.update_norm)
 
     def save_checkpoint(self, server_round: int, state: OrderedDict[str, torch.Tensor]) -> str:
         path = self.checkpoints / f"round-{server_round:03d}.pt"
         torch.save(state, path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
         registry = self.read_json("registry.json")
-        registry["checkpoints"][str(server_round)] = {"file": path.name, "sha256": digest}
+        registry["checkpoints"][str(server_round)] = {"file": path.name, "sha256": sha}
         _write_json(self.root / "registry.json", registry)
-        return digest
+        self.audit.append("checkpoint-saved", run_id=self.run_id, round=server_round,
+                          file=path.name, sha256=sha, bytes=len(data))
+        return sha
 
     def finish(self, status: str) -> None:
+        self.audit.append("run-finished", run_id=self.run_id, status=status)
+        head = self.audit.head()
         registry = self.read_json("registry.json")
         registry["status"] = status
+        registry["audit"] = {"entries": head.entries, "last_hash": head.last_hash}
         _write_json(self.root / "registry.json", registry)
         if self._writer is not None:
             self._writer.close()

@@ -126,3 +126,29 @@ def test_a_site_over_budget_refuses_and_the_server_records_it(refusing) -> None:
     if ledger.exists():  # the site spent nothing: no session was ever recorded
         data = json.loads(ledger.read_text())
         assert all(not entry["sessions"] for entry in data["datasets"].values())
+
+
+@pytest.mark.deployment
+def test_audit_logs_on_both_sides_are_intact_and_complete(demo) -> None:
+    from common.audit import Head, verify
+
+    server_log = demo.out / "server" / "audit.jsonl"
+    registry = json.loads((demo.run_dir / "registry.json").read_text())
+    head = verify(server_log, expected=Head(registry["audit"]["entries"],
+                                            registry["audit"]["last_hash"]))
+    events = [json.loads(line)["event"] for line in server_log.read_text().splitlines()]
+    assert events[0] == "run-started" and events[-1] == "run-finished"
+    assert events.count("round-completed") == events.count("checkpoint-saved") == ROUNDS
+    assert events.count("global-model-sent") == ROUNDS and head.entries == len(events)
+    checkpoints = [json.loads(line) for line in server_log.read_text().splitlines()
+                   if '"checkpoint-saved"' in line]
+    assert [c["sha256"] for c in checkpoints] == [
+        registry["checkpoints"][str(r)]["sha256"] for r in range(1, ROUNDS + 1)]
+    for site in ("hospital-a", "hospital-b", "hospital-c"):
+        site_log = demo.out / "sites" / site / "work" / "audit.jsonl"
+        verify(site_log)
+        sent = [json.loads(line) for line in site_log.read_text().splitlines()
+                if '"update-sent"' in line]
+        assert [e["round"] for e in sent] == list(range(1, ROUNDS + 1))
+        assert all(e["bytes"] > 0 and len(e["sha256"]) == 64 for e in sent)
+    assert find_canaries([server_log]) == []
