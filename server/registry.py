@@ -23,6 +23,14 @@ from typing import Any
 import torch
 
 from common.audit import AuditLog, digest
+from server.checkpoints import (
+    CheckpointError,
+    decrypt_state,
+    encrypt_state,
+    key_path,
+    load_or_create_key,
+    read_key,
+)
 
 SERVER_HOME_ENV = "FEDRAD_SERVER_HOME"
 
@@ -126,16 +134,31 @@ class RunFolder:
                           update_norm=record.update_norm)
 
     def save_checkpoint(self, server_round: int, state: OrderedDict[str, torch.Tensor]) -> str:
-        path = self.checkpoints / f"round-{server_round:03d}.pt"
-        torch.save(state, path)
-        data = path.read_bytes()
+        """Encrypt (AES-256-GCM, server/checkpoints.py) and keep the file's sha256."""
+        key = load_or_create_key(key_path(self.root.parent.parent))
+        data = encrypt_state(state, key, self.run_id, server_round)
+        path = self.checkpoints / f"round-{server_round:03d}.pt.enc"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
         sha = hashlib.sha256(data).hexdigest()
         registry = self.read_json("registry.json")
-        registry["checkpoints"][str(server_round)] = {"file": path.name, "sha256": sha}
+        registry["checkpoints"][str(server_round)] = {"file": path.name, "sha256": sha,
+                                                      "encryption": "AES-256-GCM"}
         _write_json(self.root / "registry.json", registry)
         self.audit.append("checkpoint-saved", run_id=self.run_id, round=server_round,
                           file=path.name, sha256=sha, bytes=len(data))
         return sha
+
+    def load_checkpoint(self, server_round: int) -> OrderedDict[str, torch.Tensor]:
+        """The decrypted state dict, after checking the file against the registry's hash."""
+        entry = self.read_json("registry.json")["checkpoints"][str(server_round)]
+        data = (self.checkpoints / entry["file"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CheckpointError(f"run {self.run_id} round {server_round}: checkpoint file "
+                                  "differs from the hash in registry.json")
+        key = read_key(key_path(self.root.parent.parent))
+        return decrypt_state(data, key, self.run_id, server_round)
 
     def finish(self, status: str) -> None:
         self.audit.append("run-finished", run_id=self.run_id, status=status)
