@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from common.keys import (
     ERROR_BUDGET_REFUSED,
+    ERROR_MODEL_REFUSED,
     ERROR_SITE_FAILED,
     REASON_BUDGET_REFUSED,
+    REASON_MODEL_REFUSED,
     REASON_SITE_FAILED,
 )
 
@@ -21,6 +23,10 @@ class SiteRefusal(RuntimeError):
 
 def budget_refusal() -> SiteRefusal:
     return SiteRefusal(ERROR_BUDGET_REFUSED, REASON_BUDGET_REFUSED)
+
+
+def model_refusal() -> SiteRefusal:
+    return SiteRefusal(ERROR_MODEL_REFUSED, REASON_MODEL_REFUSED)
 
 
 def site_failure() -> SiteRefusal:

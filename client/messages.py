@@ -7,6 +7,8 @@ listening (client.worker: imports paid once, data and model warm), otherwise in 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,13 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client import worker
+from client.errors import model_refusal
 from common import keys
+from common.model_signing import ModelSignatureError, load_verify_key, verify_model
 from common.secagg import is_legacy_train, pack_legacy_reply, unpack_legacy_train
+
+LOG = logging.getLogger("fedrad.client")
+VERIFY_KEY = "model-verify-key"  # node config: the consortium's signing.pub from the kit
 
 
 def _server_round(config_values: Any) -> int:
@@ -39,15 +46,33 @@ def _compute(kind: str, context: Context, request: dict[str, Any]) -> dict[str, 
         return compute(**request)
 
 
+def _verified(context: Context, arrays: list[np.ndarray], server_round: int, purpose: str,
+              signature: object) -> list[np.ndarray]:
+    """The global model, once its consortium signature verifies; refused otherwise."""
+    path = context.node_config.get(VERIFY_KEY)
+    try:
+        if not path:
+            raise ModelSignatureError(f"node config has no {VERIFY_KEY}")
+        verify_model(load_verify_key(Path(str(path)).expanduser()), arrays,
+                     int(context.run_id), server_round, purpose, signature)
+    except ModelSignatureError as exc:
+        LOG.warning("round %d: global model refused: %s", server_round, exc)
+        raise model_refusal() from exc
+    return arrays
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """Train locally with DP-SGD and reply with (local - global) and metrics."""
     legacy = is_legacy_train(msg)
+    round_config: Mapping[str, Any]
     if legacy:
-        global_arrays, fit_config = unpack_legacy_train(msg)
-        server_round = _server_round(fit_config)
+        global_arrays, round_config = unpack_legacy_train(msg)
     else:
         global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
-        server_round = _server_round(msg.content.config_records[keys.ROUND])
+        round_config = msg.content.config_records[keys.ROUND]
+    server_round = _server_round(round_config)
+    global_arrays = _verified(context, global_arrays, server_round, "train",
+                              round_config.get(keys.MODEL_SIGNATURE))
     out = _compute("train", context, {"global_arrays": global_arrays,
                                       "server_round": server_round, "legacy": legacy})
     if legacy:
@@ -64,7 +89,10 @@ def handle_train(msg: Message, context: Context) -> Message:
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's held-out patients."""
     global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
-    server_round = _server_round(msg.content.config_records[keys.ROUND])
+    round_config = msg.content.config_records[keys.ROUND]
+    server_round = _server_round(round_config)
+    global_arrays = _verified(context, global_arrays, server_round, "evaluate",
+                              round_config.get(keys.MODEL_SIGNATURE))
     out = _compute("evaluate", context, {"global_arrays": global_arrays,
                                          "server_round": server_round})
     content = RecordDict({

@@ -16,7 +16,7 @@ from common.config import ConfigError
 
 _ALLOWED = {
     "site-id", "data-dir", "work-dir", "epsilon-budget", "labels-file", "labels-key", "device",
-    "threads", "ingest-workers"
+    "threads", "ingest-workers", "model-verify-key"
 }
 _SITE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 

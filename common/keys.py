@@ -13,6 +13,7 @@ METRICS = "fedrad.metrics"  # MetricRecord: numbers only
 SITE = "fedrad.site"  # ConfigRecord: {"site-id": str, "status": str}
 
 SERVER_ROUND = "server-round"
+MODEL_SIGNATURE = "model-signature"  # Ed25519 over the global model (common.model_signing)
 SITE_ID = "site-id"
 STATUS = "status"
 
@@ -89,3 +90,6 @@ ERROR_SITE_FAILED = 1001
 ERROR_BUDGET_REFUSED = 1002
 REASON_SITE_FAILED = "fedrad site: the round failed at this site; details are in the site's log"
 REASON_BUDGET_REFUSED = "fedrad site: refused to train, its privacy budget would be exceeded"
+ERROR_MODEL_REFUSED = 1003
+REASON_MODEL_REFUSED = ("fedrad site: refused the global model, its consortium signature is "
+                        "missing or does not verify")

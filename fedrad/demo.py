@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
+from common.model_signing import SIGNING_KEY_ENV
 from fedrad import processes as proc
 from fedrad.consortium import add_site, init_consortium
 
@@ -140,7 +141,8 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
                                    cert=consortium.tls.server_cert, key=consortium.tls.server_key,
                                    database=server_dir / "state.db"),
             log=logs / "superlink.log", cwd=server_dir,
-            env={"FLWR_HOME": str(server_dir / "flwr"), "FEDRAD_SERVER_HOME": str(server_dir)},
+            env={"FLWR_HOME": str(server_dir / "flwr"), "FEDRAD_SERVER_HOME": str(server_dir),
+                 SIGNING_KEY_ENV: str(consortium.folder / "signing.key")},
         )
         proc.wait_for_port(port, 60, superlink, logs / "superlink.log")
         for site, site_keys in keys.items():
@@ -154,6 +156,7 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
                     node_config={"site-id": site, "data-dir": str(sites[site].resolve()),
                                  "work-dir": str(site_dir / "work"),
                                  "epsilon-budget": (budgets or {}).get(site, SITE_BUDGET),
+                                 "model-verify-key": str(consortium.folder / "signing.pub"),
                                  "threads": 1},
                 ),
                 log=logs / f"supernode-{site}.log", cwd=site_dir,

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys
 from common.audit import digest
 from common.config import RunConfig
+from common.model_signing import SIGNING_KEY_ENV, load_signing_key, sign_model
 from common.models import build_model, load_pretrained
 from common.weights import add, check_finite, from_arrays, global_norm, plain_state_dict, to_arrays
 from server.central_dp import CentralDP
@@ -72,6 +76,15 @@ def _pooled(evaluation: Replies, metric: str) -> float:
     return sum(d * n for d, n in pairs) / total if total else float("nan")
 
 
+def _signing_key() -> Ed25519PrivateKey:
+    """The consortium's model-signing key; without it the ServerApp refuses to run."""
+    path = os.environ.get(SIGNING_KEY_ENV)
+    if not path:
+        raise RunAborted(f"{SIGNING_KEY_ENV} is not set: every global model must be signed "
+                         "with the consortium's Ed25519 key (signing.key of `consortium init`)")
+    return load_signing_key(Path(path))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run `num-rounds` rounds of DP training with SecAgg+ and per-site evaluation."""
@@ -94,6 +107,7 @@ def main(grid: Grid, context: Context) -> None:
         LOG.info("initial weights from %s", config.init_weights)
     template = plain_state_dict(model)
     central = CentralDP(config.central_dp) if config.central_dp.enabled else None
+    signer = _signing_key()
     global_arrays = to_arrays(template)
     names: dict[int, str] = {}
     try:
@@ -108,7 +122,9 @@ def main(grid: Grid, context: Context) -> None:
                              nodes=len(node_ids), bytes=sum(a.nbytes for a in global_arrays),
                              sha256=digest(b"".join(a.tobytes() for a in global_arrays)))
             train = train_round(grid, context, config, server_round=server_round,
-                                global_arrays=global_arrays, node_ids=node_ids)
+                                global_arrays=global_arrays, node_ids=node_ids,
+                                signature=sign_model(signer, global_arrays, context.run_id,
+                                                     server_round, "train"))
             names.update(train.site_ids)
             if train.update is None:  # recorded (who refused, who dropped), then stop
                 run.record_round(RoundRecord(
@@ -128,8 +144,12 @@ def main(grid: Grid, context: Context) -> None:
                          "(δ %g)", server_round, central.noise_std(contributors),
                          contributors, central.epsilon(), config.central_dp.delta)
             global_arrays = add(global_arrays, train.update)
+            global_arrays = [np.asarray(a, dtype=np.float32) for a in global_arrays]
             evaluation = evaluate_round(grid, config, server_round=server_round,
-                                        global_arrays=global_arrays, node_ids=node_ids)
+                                        global_arrays=global_arrays, node_ids=node_ids,
+                                        signature=sign_model(signer, global_arrays,
+                                                             context.run_id, server_round,
+                                                             "evaluate"))
             names.update(evaluation.site_ids)
             wall = time.perf_counter() - start
             slowest = max(

@@ -18,6 +18,7 @@ from server.polling_grid import PollingGrid
 LOG = logging.getLogger("fedrad.server")
 _KNOWN_ERRORS = {
     keys.ERROR_BUDGET_REFUSED: keys.STATUS_REFUSED_BUDGET,
+    keys.ERROR_MODEL_REFUSED: "refused-model-signature",
     keys.ERROR_SITE_FAILED: "failed",
 }
 
@@ -37,10 +38,12 @@ def _status_of_error(code: int) -> str:
     return _KNOWN_ERRORS.get(code, f"error-{code}")
 
 
-def _request(global_arrays: list[np.ndarray], server_round: int) -> RecordDict:
+def _request(global_arrays: list[np.ndarray], server_round: int, signature: bytes
+             ) -> RecordDict:
     return RecordDict({
         keys.WEIGHTS: ArrayRecord([np.asarray(a, dtype=np.float32) for a in global_arrays]),
-        keys.ROUND: ConfigRecord({keys.SERVER_ROUND: server_round}),
+        keys.ROUND: ConfigRecord({keys.SERVER_ROUND: server_round,
+                                  keys.MODEL_SIGNATURE: signature}),
     })
 
 
@@ -60,14 +63,16 @@ def _collect(replies: list[Message], out: Replies) -> None:
 
 
 def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, server_round: int,
-                global_arrays: list[np.ndarray], node_ids: list[int]) -> Replies:
+                global_arrays: list[np.ndarray], node_ids: list[int],
+                signature: bytes) -> Replies:
     """Ask every node to train; return the weighted mean update and per-site numbers."""
     out = Replies()
     if config.secagg.enabled:
         grid.take_error_codes()
         outcome = run_secagg_round(
             grid, context, server_round=server_round, global_arrays=global_arrays,
-            node_ids=node_ids, fit_config={keys.SERVER_ROUND: server_round},
+            node_ids=node_ids,
+            fit_config={keys.SERVER_ROUND: server_round, keys.MODEL_SIGNATURE: signature},
             settings=config.secagg, timeout=config.round_timeout,
         )
         for node, values in outcome.site_metrics.items():
@@ -82,7 +87,7 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
         out.update = outcome.aggregate
         return out
     messages = [
-        Message(_request(global_arrays, server_round), dst_node_id=node,
+        Message(_request(global_arrays, server_round, signature), dst_node_id=node,
                 message_type=MessageType.TRAIN, group_id=str(server_round))
         for node in node_ids
     ]
@@ -106,10 +111,11 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
 
 
 def evaluate_round(grid: Grid, config: RunConfig, *, server_round: int,
-                   global_arrays: list[np.ndarray], node_ids: list[int]) -> Replies:
+                   global_arrays: list[np.ndarray], node_ids: list[int],
+                   signature: bytes) -> Replies:
     """Evaluate the global model at every node on its held-out patients."""
     messages = [
-        Message(_request(global_arrays, server_round), dst_node_id=node,
+        Message(_request(global_arrays, server_round, signature), dst_node_id=node,
                 message_type=MessageType.EVALUATE, group_id=str(server_round))
         for node in node_ids
     ]

@@ -43,3 +43,13 @@ def find_canaries(paths: list[Path]) -> list[str]:
             if any(token in data for token in CANARIES):
                 hits.append(str(path))
     return hits
+
+
+@pytest.fixture
+def task_identity():
+    """What the SuperNode sets in a ClientApp process before a Message can be made."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

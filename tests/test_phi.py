@@ -42,13 +42,8 @@ def test_short_values_do_not_block_everything() -> None:
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    """What the SuperNode sets in a ClientApp process before a Message can be made."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+def _identity(task_identity):
     yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
 def _message() -> Message:
