@@ -15,6 +15,65 @@ import typer
 app = typer.Typer(help="fedrad: federated learning across hospitals.", no_args_is_help=True)
 site_app = typer.Typer(help="Commands for hospital IT running a site.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
+consortium_app = typer.Typer(help="Provision a consortium: CA, keys, startup kits.",
+                             no_args_is_help=True)
+app.add_typer(consortium_app, name="consortium")
+
+
+@consortium_app.command("init")
+def consortium_init(
+    name: Annotated[str, typer.Argument(help="The consortium's name")],
+    folder: Annotated[Path, typer.Option(help="New consortium folder")] = Path("consortium"),
+    host: Annotated[list[str] | None, typer.Option(
+        help="SuperLink host name or IP for its certificate (repeatable)")] = None,
+) -> None:
+    """A CA, the SuperLink's TLS certificate and the model-signing key (Ed25519)."""
+    from common.pki import ProvisioningError
+    from fedrad.consortium import init_consortium
+
+    try:
+        init_consortium(folder, name, host or ["127.0.0.1", "localhost"])
+    except ProvisioningError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--folder") from exc
+    (folder / "consortium.json").write_text(json.dumps({"name": name}))
+    typer.echo(f"consortium {name!r} in {folder}: ca.crt, server.pem/.key, signing.key/.pub")
+
+
+@consortium_app.command("add-site")
+def consortium_add_site(
+    site: Annotated[str, typer.Argument(help="Site name: a-z, 0-9, '-', '_'")],
+    folder: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+) -> None:
+    """The site's node key pair and its startup kit (kits/<site>.tar.gz, mode 0600)."""
+    from common.pki import ProvisioningError
+    from fedrad.consortium import add_site, load_consortium, startup_kit
+
+    try:
+        consortium = load_consortium(folder)
+        add_site(consortium, site)
+        name = json.loads((folder / "consortium.json").read_text())["name"]
+        kit = startup_kit(consortium, site, name)
+    except ProvisioningError as exc:
+        raise typer.BadParameter(str(exc), param_hint="SITE") from exc
+    typer.echo(f"startup kit for {site}: {kit}")
+
+
+@consortium_app.command("remove-site")
+def consortium_remove_site(
+    site: Annotated[str, typer.Argument(help="Site to revoke")],
+    folder: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+) -> None:
+    """Revoke a site's key (then `flwr supernode unregister` it on a running SuperLink)."""
+    from common.pki import ProvisioningError
+    from fedrad.consortium import load_consortium, remove_site
+
+    try:
+        listing = remove_site(load_consortium(folder), site)
+    except ProvisioningError as exc:
+        raise typer.BadParameter(str(exc), param_hint="SITE") from exc
+    typer.echo(f"{site} revoked; see {listing}")
+
+
 audit_app = typer.Typer(help="Audit logs (hash-chained, append-only).", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 

@@ -1,0 +1,48 @@
+"""`fedrad consortium init / add-site / remove-site`: keys, kits, no silent overwrite."""
+
+from __future__ import annotations
+
+import stat
+import tarfile
+
+from typer.testing import CliRunner
+
+from fedrad.cli import app
+
+
+def test_provisioning_a_consortium_and_its_kits(tmp_path) -> None:
+    runner = CliRunner()
+    folder = tmp_path / "consortium"
+    result = runner.invoke(app, ["consortium", "init", "lungs", "--folder", str(folder),
+                                 "--host", "10.0.0.5"])
+    assert result.exit_code == 0, result.output
+    for name in ("ca.crt", "server.pem", "server.key", "signing.key", "signing.pub"):
+        assert (folder / name).is_file()
+    assert stat.S_IMODE((folder / "signing.key").stat().st_mode) == 0o600
+    again = runner.invoke(app, ["consortium", "init", "lungs", "--folder", str(folder)])
+    assert again.exit_code != 0 and "refusing to overwrite" in again.output
+
+    kit_result = runner.invoke(app, ["consortium", "add-site", "hospital-a", "--folder",
+                                     str(folder)])
+    assert kit_result.exit_code == 0, kit_result.output
+    kit = folder / "kits" / "hospital-a.tar.gz"
+    assert stat.S_IMODE(kit.stat().st_mode) == 0o600
+    with tarfile.open(kit) as archive:
+        members = {m.name: m for m in archive.getmembers()}
+        assert set(members) == {"ca.pem", "node.key", "node.pub", "signing.pub",
+                                "node-config.toml", "README.txt"}
+        assert members["node.key"].mode == 0o600
+        assert archive.extractfile("signing.pub").read() == (folder / "signing.pub").read_bytes()
+        assert b"OPENSSH PRIVATE KEY" in archive.extractfile("node.key").read()
+    dup = runner.invoke(app, ["consortium", "add-site", "hospital-a", "--folder", str(folder)])
+    assert dup.exit_code != 0 and "refusing to overwrite" in dup.output
+    bad = runner.invoke(app, ["consortium", "add-site", "Bad Name", "--folder", str(folder)])
+    assert bad.exit_code != 0
+
+    revoked = runner.invoke(app, ["consortium", "remove-site", "hospital-a", "--folder",
+                                  str(folder)])
+    assert revoked.exit_code == 0, revoked.output
+    assert not (folder / "sites" / "hospital-a.key").exists()
+    assert "hospital-a" in (folder / "revoked.json").read_text()
+    reuse = runner.invoke(app, ["consortium", "add-site", "hospital-a", "--folder", str(folder)])
+    assert reuse.exit_code != 0 and "was revoked" in reuse.output
