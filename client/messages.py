@@ -61,9 +61,9 @@ def _verified(context: Context, arrays: list[np.ndarray], server_round: int, pur
     return arrays
 
 
-def handle_train(msg: Message, context: Context) -> Message:
-    """Train locally with DP-SGD and reply with (local - global) and metrics."""
-    legacy = is_legacy_train(msg)
+def _inputs(msg: Message, context: Context, purpose: str, legacy: bool
+            ) -> tuple[list[np.ndarray], int]:
+    """The verified global model and the round of a train or evaluate message."""
     round_config: Mapping[str, Any]
     if legacy:
         global_arrays, round_config = unpack_legacy_train(msg)
@@ -71,8 +71,14 @@ def handle_train(msg: Message, context: Context) -> Message:
         global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
         round_config = msg.content.config_records[keys.ROUND]
     server_round = _server_round(round_config)
-    global_arrays = _verified(context, global_arrays, server_round, "train",
-                              round_config.get(keys.MODEL_SIGNATURE))
+    return _verified(context, global_arrays, server_round, purpose,
+                     round_config.get(keys.MODEL_SIGNATURE)), server_round
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train locally with DP-SGD and reply with (local - global) and metrics."""
+    legacy = is_legacy_train(msg)
+    global_arrays, server_round = _inputs(msg, context, "train", legacy)
     out = _compute("train", context, {"global_arrays": global_arrays,
                                       "server_round": server_round, "legacy": legacy})
     if legacy:
@@ -88,11 +94,7 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's held-out patients."""
-    global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
-    round_config = msg.content.config_records[keys.ROUND]
-    server_round = _server_round(round_config)
-    global_arrays = _verified(context, global_arrays, server_round, "evaluate",
-                              round_config.get(keys.MODEL_SIGNATURE))
+    global_arrays, server_round = _inputs(msg, context, "evaluate", legacy=False)
     out = _compute("evaluate", context, {"global_arrays": global_arrays,
                                          "server_round": server_round})
     content = RecordDict({
