@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.supercore.differential_privacy import compute_clip_model_update
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from common.config import ConfigError, RunConfig
-from common.weights import global_norm, subtract
+from common.weights import global_norm
 from server.central_dp import CentralDP
 
 
@@ -54,14 +53,25 @@ def test_epsilon_is_the_gaussian_mechanism_composed_over_rounds() -> None:
     assert spent[2] == pytest.approx(float(expected), rel=1e-6)
 
 
-def test_site_updates_are_clipped_to_the_norm_before_masking() -> None:
-    rng = np.random.default_rng(0)
-    global_arrays = [rng.normal(size=(30, 40)).astype(np.float32),
-                     rng.normal(size=7).astype(np.float32)]
-    for scale, clip in [(10.0, 0.5), (0.01, 0.5)]:
-        local = [g + scale * rng.normal(size=g.shape).astype(np.float32)
-                 for g in global_arrays]
-        unclipped = global_norm(subtract(local, global_arrays))
-        compute_clip_model_update(local, global_arrays, clip)  # what site_round does
-        norm = global_norm(subtract(local, global_arrays))
-        assert norm == pytest.approx(min(unclipped, clip), rel=1e-4)
+def test_site_updates_are_clipped_and_weighted_uniformly(phantom_sites, tmp_path) -> None:
+    """Through the site's own round code: with central DP on, the update leaving the site
+    has norm <= C and FedAvg weight 1; with it off, the same round's update is larger."""
+    from client.site_round import train_outcome
+    from common.models import build_model
+    from common.weights import plain_state_dict, to_arrays
+
+    run_config = {"image-size": 32, "local-epochs": 1, "batch-size": 8, "augment": False,
+                  "central-dp-enabled": True, "central-dp-clipping-norm": 0.01}
+    global_arrays = to_arrays(plain_state_dict(build_model(RunConfig.from_mapping(run_config))))
+    outcomes = {}
+    for enabled in (True, False):
+        node_config = {"site-id": "hospital-a", "data-dir": str(phantom_sites["hospital-a"]),
+                       "work-dir": str(tmp_path / f"work-{enabled}"), "epsilon-budget": 20.0}
+        outcomes[enabled] = train_outcome(
+            run_id=1, node_config=node_config,
+            run_config={**run_config, "central-dp-enabled": enabled},
+            global_arrays=global_arrays, server_round=1, legacy=True)
+    clipped, plain = outcomes[True], outcomes[False]
+    assert global_norm(clipped["update"]) == pytest.approx(0.01, rel=1e-3)
+    assert global_norm(plain["update"]) > 0.05
+    assert clipped["weight"] == 1 and plain["weight"] == 8  # its 8 training images
