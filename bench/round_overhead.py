@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedrad import demo as demo_module
 from fedrad.demo import CONFIGS, run_demo
 
 WORKLOADS = {
@@ -49,12 +48,10 @@ def main() -> None:
     args = parser.parse_args()
     overrides, patients = WORKLOADS[args.workload]
     out = args.out or Path(tempfile.mkdtemp(prefix="round-overhead-")) / "demo"
-    if args.no_workers:
-        demo_module.START_WORKERS = False
     start = time.monotonic()
     result = run_demo(out, data=None, config_file=CONFIGS / "demo.toml",
                       overrides={**overrides, "num-rounds": args.rounds}, patients=patients,
-                      say=lambda line: None)
+                      say=lambda line: None, workers=not args.no_workers)
     print(f"workload={args.workload} rounds={args.rounds} workers={not args.no_workers} "
           f"total {time.monotonic() - start:.0f}s, run folder {result.run_dir}")
     walls, overheads = [], []

@@ -12,6 +12,8 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,9 +61,14 @@ _warm: dict[str, _Setup] = {}
 AUDIT_FILE = "audit.jsonl"
 
 
+@lru_cache(maxsize=8)
+def _audit_log(work_dir: Path) -> AuditLog:
+    return AuditLog(work_dir / AUDIT_FILE)
+
+
 def _audit(site: SiteConfig) -> AuditLog:
     """The site's own audit log: what it trained and sent (sizes, hashes), never data."""
-    return AuditLog(site.work_dir / AUDIT_FILE)
+    return _audit_log(site.work_dir)
 
 
 def _setup(run_id: int, node_config: dict[str, Any], run_config: dict[str, Any]) -> _Setup:

@@ -52,10 +52,20 @@ class AuditLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._known: tuple[int, Head] | None = None  # (file size, head) after our last write
 
     def head(self) -> Head:
-        """The verified end of the log (raises AuditError if the log was altered)."""
-        return verify(self.path)
+        """The verified end of the log (raises AuditError if the log was altered).
+
+        The whole chain is read once; after that only when the file's size is not the
+        one this object last left it at (another writer, or tampering).
+        """
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if self._known is not None and self._known[0] == size:
+            return self._known[1]
+        head = verify(self.path)
+        self._known = (size, head)
+        return head
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         """Add one entry; `fields` must be JSON values and must not reuse reserved names."""
@@ -72,6 +82,7 @@ class AuditLog:
             handle.write(_canonical(entry) + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
+        self._known = (self.path.stat().st_size, Head(head.entries + 1, entry["hash"]))
         return entry
 
 

@@ -26,7 +26,6 @@ from fedrad.consortium import add_site, init_consortium
 APP_DIR = Path(__file__).resolve().parents[1]
 CONFIGS = APP_DIR / "configs"
 FEDERATION = "fedrad-demo"
-START_WORKERS = True  # one site worker per site (client.worker); bench/ turns it off
 SITE_BUDGET = 20.0  # each demo site's own total privacy budget (node config epsilon-budget)
 
 
@@ -97,11 +96,12 @@ def format_round(row: dict[str, Any], total: int) -> str:
 def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict[str, Any],
              patients: int, say: Callable[[str], None],
              tick: Callable[[str], None] | None = None,
-             budgets: dict[str, float] | None = None) -> DemoResult:
+             budgets: dict[str, float] | None = None, workers: bool = True) -> DemoResult:
     """Run the whole federation; every started process is stopped before returning.
 
     `budgets` sets a site's own total privacy budget (node config epsilon-budget;
-    default SITE_BUDGET).
+    default SITE_BUDGET). `workers` starts one site worker per site (client.worker);
+    bench/round_overhead.py turns it off to measure the difference.
     """
     start = time.monotonic()
     out = out.resolve()
@@ -129,7 +129,7 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
                           ca_cert=consortium.tls.ca_cert)
     logs = out / "logs"
     with proc.ProcessGroup() as group:
-        for site in sites if START_WORKERS else []:  # they import while the rest starts
+        for site in sites if workers else []:  # they import while the rest starts
             site_dir = out / "sites" / site
             group.start(f"worker-{site}", proc.worker_command(work_dir=site_dir / "work"),
                         log=logs / f"worker-{site}.log", cwd=site_dir, env={})

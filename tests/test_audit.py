@@ -84,3 +84,12 @@ def test_cli_audit_verify(tmp_path) -> None:
     _write(log, lines)
     bad = runner.invoke(app, ["audit", "verify", str(log.path)])
     assert bad.exit_code == 1 and "chain broken" in bad.output
+
+
+def test_appends_notice_a_log_altered_behind_their_back(tmp_path) -> None:
+    log = _log(tmp_path)
+    lines = _lines(log)
+    del lines[1]
+    _write(log, lines)  # another hand edits the file between two appends
+    with pytest.raises(AuditError, match="chain broken"):
+        log.append("round-sent", run_id=7, round=9)
