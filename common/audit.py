@@ -13,6 +13,7 @@ and pass the same rule as everything else: no identifier from a patient's data.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -72,17 +73,18 @@ class AuditLog:
         clash = _RESERVED & set(fields)
         if clash:
             raise ValueError(f"audit fields may not be named {sorted(clash)}")
-        head = self.head()
-        entry: dict[str, Any] = {"seq": head.entries + 1, "time": round(time.time(), 3),
-                                 "event": event, "prev": head.last_hash, **fields}
-        entry["hash"] = digest(_canonical(entry))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # other processes append too
+            head = self.head()
+            entry: dict[str, Any] = {"seq": head.entries + 1, "time": round(time.time(), 3),
+                                     "event": event, "prev": head.last_hash, **fields}
+            entry["hash"] = digest(_canonical(entry))
             handle.write(_canonical(entry) + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
-        self._known = (self.path.stat().st_size, Head(head.entries + 1, entry["hash"]))
+            self._known = (self.path.stat().st_size, Head(head.entries + 1, entry["hash"]))
         return entry
 
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (
     Code,
     FitIns,
@@ -29,6 +30,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -43,7 +45,28 @@ from common.config import SecAggConfig
 
 LOG = logging.getLogger("fedrad.secagg")
 
-CLIENT_MODS = (secaggplus_mod,)
+
+
+class SecAggRequiredError(RuntimeError):
+    """A plain (unmasked) training request in a run whose config asks for SecAgg+."""
+
+
+def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `secaggplus_mod` for training messages that carry its stages.
+
+    A plain training message passes only when the run's own config turned SecAgg+
+    off (`secagg-enabled = false`); otherwise it is refused, so a server cannot
+    quietly collect an unmasked update from a run that promised masking.
+    """
+    if (msg.metadata.message_type == MessageType.TRAIN
+            and RECORD_KEY_CONFIGS not in msg.content.config_records):
+        if ctxt.run_config.get("secagg-enabled", True) is not False:
+            raise SecAggRequiredError("plain training request in a SecAgg+ run")
+        return call_next(msg, ctxt)
+    return secaggplus_mod(msg, ctxt, call_next)
+
+
+CLIENT_MODS = (secagg_mod,)
 _FITINS_PARAMS = "fitins.parameters"
 _FITINS_CONFIG = "fitins.config"
 _MAIN_CONFIG = "config"  # flwr.server.workflow.constant.MAIN_CONFIGS_RECORD

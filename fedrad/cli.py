@@ -25,17 +25,18 @@ def consortium_init(
     name: Annotated[str, typer.Argument(help="The consortium's name")],
     folder: Annotated[Path, typer.Option(help="New consortium folder")] = Path("consortium"),
     host: Annotated[list[str] | None, typer.Option(
-        help="SuperLink host name or IP for its certificate (repeatable)")] = None,
+        help="SuperLink host name or IP for its certificate (repeatable; the first is the "
+        "address in every kit)")] = None,
+    port: Annotated[int, typer.Option(help="SuperLink port the sites connect to")] = 9092,
 ) -> None:
-    """A CA, the SuperLink's TLS certificate and the model-signing key (Ed25519)."""
+    """A CA, the SuperLink's TLS certificate and the signing key (Ed25519)."""
     from common.pki import ProvisioningError
     from fedrad.consortium import init_consortium
 
     try:
-        init_consortium(folder, name, host or ["127.0.0.1", "localhost"])
+        init_consortium(folder, name, host or ["127.0.0.1", "localhost"], port)
     except ProvisioningError as exc:
         raise typer.BadParameter(str(exc), param_hint="--folder") from exc
-    (folder / "consortium.json").write_text(json.dumps({"name": name}))
     typer.echo(f"consortium {name!r} in {folder}: ca.crt, server.pem/.key, signing.key/.pub")
 
 
@@ -43,19 +44,47 @@ def consortium_init(
 def consortium_add_site(
     site: Annotated[str, typer.Argument(help="Site name: a-z, 0-9, '-', '_'")],
     folder: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+    passphrase_file: Annotated[Path | None, typer.Option(
+        help="Seal the kit with the passphrase in this file (first line, 12+ characters): "
+        "kits/<site>.kit instead of kits/<site>.tar.gz")] = None,
 ) -> None:
-    """The site's node key pair and its startup kit (kits/<site>.tar.gz, mode 0600)."""
+    """The site's node key pair and its startup kit (mode 0600)."""
     from common.pki import ProvisioningError
     from fedrad.consortium import add_site, load_consortium, startup_kit
+    from fedrad.site_node import read_passphrase
 
     try:
         consortium = load_consortium(folder)
+        passphrase = read_passphrase(passphrase_file) if passphrase_file else None
         add_site(consortium, site)
-        name = json.loads((folder / "consortium.json").read_text())["name"]
-        kit = startup_kit(consortium, site, name)
+        kit = startup_kit(consortium, site, passphrase)
     except ProvisioningError as exc:
         raise typer.BadParameter(str(exc), param_hint="SITE") from exc
     typer.echo(f"startup kit for {site}: {kit}")
+
+
+@consortium_app.command("sign-app")
+def consortium_sign_app(
+    folder: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+    app_dir: Annotated[Path | None, typer.Option(
+        "--app", help="The Flower app to sign (default: the installed fedrad app)")] = None,
+) -> None:
+    """Build the ClientApp/ServerApp bundle (FAB) and sign it with the consortium's key.
+
+    Sites run only signed code (SuperNode --trusted-entities); `fedrad server start`
+    serves the signed FABs; submit with `flwr run @fedrad/fedrad==VERSION`.
+    """
+    from common.pki import ProvisioningError
+    from fedrad.app_registry import sign_app
+    from fedrad.consortium import load_consortium
+    from fedrad.demo import APP_DIR
+
+    try:
+        signed = sign_app(load_consortium(folder).folder, app_dir or APP_DIR)
+    except ProvisioningError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--folder/--app") from exc
+    typer.echo(f"signed {signed.spec()} (sha256 {signed.sha256}); submit runs with "
+               f"`flwr run {signed.spec()}`")
 
 
 @consortium_app.command("remove-site")
@@ -72,6 +101,54 @@ def consortium_remove_site(
     except ProvisioningError as exc:
         raise typer.BadParameter(str(exc), param_hint="SITE") from exc
     typer.echo(f"{site} revoked; see {listing}")
+
+
+server_app = typer.Typer(help="The consortium's server side.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    consortium: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+    host: Annotated[str, typer.Option(help="Address the SuperLink listens on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="SuperLink port (sites and coordinators)")] = 9092,
+) -> None:
+    """SuperLink (TLS, node authentication, state in <consortium>/server/) and the
+    consortium's signed-app registry; registers provisioned sites; runs until stopped."""
+    from common.pki import ProvisioningError
+    from fedrad.processes import DeploymentError
+    from fedrad.server_node import start_server
+
+    try:
+        code = start_server(consortium, host=host, port=port, say=typer.echo)
+    except (ProvisioningError, DeploymentError) as exc:
+        typer.echo(f"server did not start: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    raise typer.Exit(code)
+
+
+@server_app.command("sync-sites")
+def server_sync_sites(
+    consortium: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+) -> None:
+    """On a running server: register new sites' keys, unregister revoked ones."""
+    from fedrad.consortium import load_consortium
+    from fedrad.processes import DeploymentError
+    from fedrad.server_node import ServerHome, sync_sites
+
+    loaded = load_consortium(consortium)
+    home = ServerHome(loaded.folder)
+    if not home.ready.exists():
+        typer.echo(f"no running server for {consortium} (start it: fedrad server start)",
+                   err=True)
+        raise typer.Exit(1)
+    try:
+        nodes = sync_sites(loaded, home)
+    except DeploymentError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    for site, record in sorted(nodes.items()):
+        typer.echo(f"{site}: node {record['node_id']} {record['status']}")
 
 
 audit_app = typer.Typer(help="Audit logs (hash-chained, append-only).", no_args_is_help=True)
@@ -148,6 +225,54 @@ def _parse_sets(items: list[str]) -> dict[str, object]:
         except tomllib.TOMLDecodeError:
             out[key.strip()] = value.strip()
     return out
+
+
+@site_app.command("start")
+def site_start(
+    kit: Annotated[Path, typer.Option(help="The startup kit from the coordinator")],
+    data: Annotated[Path | None, typer.Option(help="The site's DICOM export folder")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="The site's work folder (cache, "
+                                                       "privacy ledger, logs, kit)")] = None,
+    epsilon_budget: Annotated[float | None, typer.Option(
+        help="The site's total privacy budget across all runs")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="The site's node config TOML (the kit's node-config.toml, filled in); flags "
+        "override it")] = None,
+    superlink: Annotated[str | None, typer.Option(
+        help="SuperLink host:port (default: the kit's)")] = None,
+    passphrase_file: Annotated[Path | None, typer.Option(
+        help="Passphrase of a sealed kit (default: $FEDRAD_KIT_PASSPHRASE)")] = None,
+    worker: Annotated[bool, typer.Option(help="Also run the site worker")] = True,
+) -> None:
+    """This hospital's node: SuperNode (TLS, node key, signed apps only) + site worker."""
+    import tomllib
+
+    from common.config import ConfigError
+    from fedrad.kit import KitError, open_kit
+    from fedrad.site_node import read_passphrase, start_site
+
+    values: dict[str, object] = {}
+    if config is not None:
+        try:
+            values = tomllib.loads(config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise typer.BadParameter(f"{config}: {exc}", param_hint="--config") from exc
+    flags = {"data-dir": data, "work-dir": work_dir, "epsilon-budget": epsilon_budget}
+    values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items()
+                   if v is not None})
+    try:
+        opened = open_kit(kit, read_passphrase(passphrase_file))
+        values.setdefault("site-id", opened.info["site"])
+        missing = sorted({"data-dir", "work-dir", "epsilon-budget"} - set(values))
+        if missing:
+            raise ConfigError(f"missing {missing}: pass --data, --work-dir and "
+                              "--epsilon-budget, or --config with those keys")
+        code = start_site(opened, values, superlink=superlink, say=typer.echo, worker=worker)
+    except KitError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--kit") from exc
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config/--data/--work-dir") from exc
+    raise typer.Exit(code)
 
 
 @site_app.command("worker")

@@ -3,16 +3,17 @@ each site's node key, and the startup kit a hospital receives."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common import pki
+from fedrad import kit
+from fedrad.app_registry import trusted_entities
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -24,17 +25,26 @@ class Consortium:
     folder: Path
     tls: pki.ServerTLS
 
+    @property
+    def info(self) -> dict[str, Any]:
+        """consortium.json: name, hosts, and the SuperLink address sites connect to."""
+        return dict(json.loads((self.folder / "consortium.json").read_text()))
+
     def site_keys(self, site: str) -> pki.NodeKeys:
         folder = self.folder / "sites"
         return pki.NodeKeys(private_key=folder / f"{site}.key", public_key=folder / f"{site}.pub")
 
 
-def init_consortium(folder: Path, name: str, hosts: list[str]) -> Consortium:
-    """Create the CA and the SuperLink certificate (SANs = `hosts`) in a new folder."""
+def init_consortium(folder: Path, name: str, hosts: list[str], port: int = 9092
+                    ) -> Consortium:
+    """Create the CA, the SuperLink certificate (SANs = `hosts`) and the signing key in a
+    new folder; the SuperLink's address for the kits is hosts[0]:port."""
     folder.mkdir(parents=True, exist_ok=True)
     pki.create_ca(folder, name)
     tls = pki.issue_server_cert(folder, hosts)
     pki.create_signing_key(folder)
+    (folder / "consortium.json").write_text(json.dumps(
+        {"name": name, "hosts": hosts, "superlink": f"{hosts[0]}:{port}"}, indent=1))
     return Consortium(folder=folder, tls=tls)
 
 
@@ -50,59 +60,52 @@ def add_site(consortium: Consortium, site: str) -> pki.NodeKeys:
     return pki.create_node_keys(consortium.folder / "sites", site)
 
 
-KIT_README = """fedrad startup kit for site {site} of consortium {name}
-
-ca.pem          the consortium CA: the SuperNode trusts the SuperLink's TLS certificate by it
-node.key        this site's node-authentication private key (keep it secret, mode 0600)
-node.pub        its public key (registered with the SuperLink by the coordinator)
-signing.pub     the consortium's model-verification key (node config model-verify-key)
-node-config.toml  a template of the site's node config: fill in data-dir, work-dir and
-                the site's own privacy budget; nothing from the server can change them
-"""
-
-
 def load_consortium(folder: Path) -> Consortium:
     """An existing consortium folder (as `fedrad consortium init` wrote it)."""
     tls = pki.ServerTLS(ca_cert=folder / "ca.crt", server_cert=folder / "server.pem",
                         server_key=folder / "server.key")
-    if not tls.ca_cert.is_file() or not (folder / "signing.pub").is_file():
-        raise pki.ProvisioningError(f"{folder} is not a consortium folder (no ca.crt or "
-                                    "signing.pub); run `fedrad consortium init` first")
+    if not all(p.is_file() for p in (tls.ca_cert, folder / "signing.pub",
+                                      folder / "consortium.json")):
+        raise pki.ProvisioningError(f"{folder} is not a consortium folder (no ca.crt, "
+                                    "signing.pub or consortium.json); run `fedrad consortium "
+                                    "init` first")
     return Consortium(folder=folder, tls=tls)
 
 
-def _add_file(archive: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), mode, int(time.time())
-    archive.addfile(info, io.BytesIO(data))
-
-
-def startup_kit(consortium: Consortium, site: str, name: str) -> Path:
-    """The site's kit as one archive (kits/<site>.tar.gz, mode 0600): never overwritten."""
+def startup_kit(consortium: Consortium, site: str, passphrase: str | None = None) -> Path:
+    """The site's kit (kits/<site>.tar.gz, or <site>.kit sealed with `passphrase`), mode
+    0600, never overwritten."""
     keys = consortium.site_keys(site)
     if not keys.private_key.is_file():
         raise pki.ProvisioningError(f"site {site!r} has no node key; run add-site first")
-    kit = consortium.folder / "kits" / f"{site}.tar.gz"
-    if kit.exists():
-        raise pki.ProvisioningError(f"{kit} already exists; refusing to overwrite a kit")
-    kit.parent.mkdir(parents=True, exist_ok=True)
+    kits = consortium.folder / "kits"
+    for existing in (kits / f"{site}.tar.gz", kits / f"{site}.kit"):
+        if existing.exists():
+            raise pki.ProvisioningError(f"{existing} already exists; refusing to overwrite "
+                                        "a kit")
+    info = consortium.info
     node_config = (f'site-id = "{site}"\ndata-dir = "/path/to/dicom-export"\n'
-                   'work-dir = "/var/lib/fedrad"\nepsilon-budget = 10.0\n'
-                   'model-verify-key = "/etc/fedrad/kit/signing.pub"\n')
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        _add_file(archive, "ca.pem", consortium.tls.ca_cert.read_bytes(), 0o644)
-        _add_file(archive, "node.key", keys.private_key.read_bytes(), 0o600)
-        _add_file(archive, "node.pub", keys.public_key.read_bytes(), 0o644)
-        _add_file(archive, "signing.pub", (consortium.folder / "signing.pub").read_bytes(),
-                  0o644)
-        _add_file(archive, "node-config.toml", node_config.encode(), 0o644)
-        _add_file(archive, "README.txt", KIT_README.format(site=site, name=name).encode(),
-                  0o644)
-    fd = os.open(kit, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                   'work-dir = "/var/lib/fedrad"\nepsilon-budget = 10.0\n')
+    signing_pub = consortium.folder / "signing.pub"
+    data = kit.build({
+        "ca.pem": consortium.tls.ca_cert.read_bytes(),
+        "node.key": keys.private_key.read_bytes(),
+        "node.pub": keys.public_key.read_bytes(),
+        "signing.pub": signing_pub.read_bytes(),
+        "trusted-entities.yaml": trusted_entities(signing_pub).encode(),
+        "kit.json": json.dumps({"site": site, "consortium": info["name"],
+                                "superlink": info["superlink"]}).encode(),
+        "node-config.toml": node_config.encode(),
+        "README.txt": kit.README.format(site=site, name=info["name"]).encode(),
+    })
+    path = kits / f"{site}.kit" if passphrase else kits / f"{site}.tar.gz"
+    if passphrase:
+        data = kit.seal(data, passphrase)
+    kits.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(buffer.getvalue())
-    return kit
+        handle.write(data)
+    return path
 
 
 def remove_site(consortium: Consortium, site: str) -> Path:

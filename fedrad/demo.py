@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -19,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from common.model_signing import SIGNING_KEY_ENV
 from fedrad import processes as proc
-from fedrad.consortium import add_site, init_consortium
+from fedrad.app_registry import sign_app
+from fedrad.consortium import add_site, init_consortium, startup_kit
+from fedrad.server_node import ServerHome
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONFIGS = APP_DIR / "configs"
-FEDERATION = "fedrad-demo"
+FEDRAD = [sys.executable, "-m", "fedrad.cli"]  # the `fedrad` command of this installation
 SITE_BUDGET = 20.0  # each demo site's own total privacy budget (node config epsilon-budget)
 
 
@@ -41,6 +44,7 @@ class DemoResult:
     seconds: float
     rounds: list[dict[str, Any]]
     out: Path
+    server_home: Path  # FEDRAD_SERVER_HOME: SuperLink state, runs, audit log
 
 
 def load_run_config(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -119,70 +123,70 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
     run_config_file.parent.mkdir(parents=True, exist_ok=True)
     run_config_file.write_text(_toml(values))
 
-    say("provisioning the consortium (CA, SuperLink certificate, node keys)")
-    consortium = init_consortium(out / "consortium", "fedrad-demo", ["127.0.0.1", "localhost"])
-    keys = {site: add_site(consortium, site) for site in sites}
+    say("provisioning the consortium (CA, SuperLink certificate, node keys, signed app)")
     port = proc.free_port()
-    address = f"127.0.0.1:{port}"
-    cli_home = out / "cli"
-    proc.write_cli_config(cli_home, name=FEDERATION, address=address,
-                          ca_cert=consortium.tls.ca_cert)
+    consortium = init_consortium(out / "consortium", "fedrad-demo", ["127.0.0.1", "localhost"],
+                                 port)
+    kits = {}
+    for site in sites:
+        add_site(consortium, site)
+        kits[site] = startup_kit(consortium, site)
+    signed = sign_app(consortium.folder, APP_DIR)
+    home = ServerHome(consortium.folder)
     logs = out / "logs"
     with proc.ProcessGroup() as group:
-        for site in sites if workers else []:  # they import while the rest starts
-            site_dir = out / "sites" / site
-            group.start(f"worker-{site}", proc.worker_command(work_dir=site_dir / "work"),
-                        log=logs / f"worker-{site}.log", cwd=site_dir, env={})
-        say(f"starting SuperLink (TLS, node authentication) on {address}")
-        server_dir = out / "server"
-        superlink = group.start(
-            "superlink",
-            proc.superlink_command(port=port, ca_cert=consortium.tls.ca_cert,
-                                   cert=consortium.tls.server_cert, key=consortium.tls.server_key,
-                                   database=server_dir / "state.db"),
-            log=logs / "superlink.log", cwd=server_dir,
-            env={"FLWR_HOME": str(server_dir / "flwr"), "FEDRAD_SERVER_HOME": str(server_dir),
-                 SIGNING_KEY_ENV: str(consortium.folder / "signing.key")},
-        )
-        proc.wait_for_port(port, 60, superlink, logs / "superlink.log")
-        for site, site_keys in keys.items():
-            proc.flwr_cli(cli_home, "supernode", "register", str(site_keys.public_key))
-            site_dir = out / "sites" / site
-            group.start(
-                f"supernode-{site}",
-                proc.supernode_command(
-                    superlink=address, ca_cert=consortium.tls.ca_cert,
-                    auth_key=site_keys.private_key, port=proc.free_port(),
-                    node_config={"site-id": site, "data-dir": str(sites[site].resolve()),
-                                 "work-dir": str(site_dir / "work"),
-                                 "epsilon-budget": (budgets or {}).get(site, SITE_BUDGET),
-                                 "model-verify-key": str(consortium.folder / "signing.pub"),
-                                 "threads": 1},
-                ),
-                log=logs / f"supernode-{site}.log", cwd=site_dir,
-                env={"FLWR_HOME": str(site_dir / "flwr")},
-            )
-        say(f"started {len(sites)} SuperNodes: {', '.join(sites)}")
-        submitted = proc.flwr_json(cli_home, "run", str(APP_DIR), "--run-config",
+        say(f"starting the server: fedrad server start --port {port} (TLS, node "
+            "authentication, signed-app registry)")
+        server = group.start("server", [*FEDRAD, "server", "start", "--consortium",
+                                        str(consortium.folder), "--port", str(port)],
+                             log=logs / "server.log", cwd=out, env={}, grace=30.0)
+        _wait_ready(home.ready, server, logs / "server.log")
+        for site in sites:
+            work = out / "sites" / site / "work"
+            config = out / "sites" / site / "node-config.toml"
+            config.parent.mkdir(parents=True, exist_ok=True)
+            config.write_text(_toml({
+                "site-id": site, "data-dir": str(sites[site].resolve()), "work-dir": str(work),
+                "epsilon-budget": (budgets or {}).get(site, SITE_BUDGET), "threads": 1}))
+            group.start(f"site-{site}", [*FEDRAD, "site", "start", "--kit", str(kits[site]),
+                                         "--config", str(config),
+                                         *([] if workers else ["--no-worker"])],
+                        log=logs / f"site-{site}.log", cwd=config.parent, env={}, grace=30.0)
+        say(f"started {len(sites)} sites (fedrad site start --kit): {', '.join(sites)}")
+        submitted = proc.flwr_json(home.cli_home, "run", signed.spec(), "--run-config",
                                    str(run_config_file))
         run_id = str(submitted["run-id"])
-        run_dir = server_dir / "runs" / run_id
-        say(f"run {run_id} submitted: {values['num-rounds']} rounds, DP "
+        run_dir = home.root / "runs" / run_id
+        say(f"run {run_id} of {signed.spec()} submitted: {values['num-rounds']} rounds, DP "
             f"{'on' if values.get('dp-enabled', True) else 'OFF'}, SecAgg+ "
             f"{'on' if values.get('secagg-enabled', True) else 'OFF'}")
         try:
-            rounds = _follow(cli_home, run_id, run_dir, int(values["num-rounds"]),
+            rounds = _follow(home.cli_home, run_id, run_dir, int(values["num-rounds"]),
                              float(values.get("round-timeout", 900.0)), say,
-                             tick or (lambda _: None))
+                             tick or (lambda _: None), logs)
         finally:
-            (logs / "serverapp.log").write_text(proc.flwr_cli(cli_home, "log", run_id, "--show"))
+            (logs / "serverapp.log").write_text(
+                proc.flwr_cli(home.cli_home, "log", run_id, "--show"))
     report = run_dir / "report.html"
     return DemoResult(run_id=run_id, run_dir=run_dir, report=report,
-                      seconds=time.monotonic() - start, rounds=rounds, out=out)
+                      seconds=time.monotonic() - start, rounds=rounds, out=out,
+                      server_home=home.root)
+
+
+def _wait_ready(ready: Path, server: subprocess.Popen[bytes], log: Path,
+                timeout: float = 120.0) -> None:
+    """Until `fedrad server start` has its SuperLink listening and the sites registered."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text()[-3000:] if log.exists() else ""
+            raise DemoFailed(f"the server did not start (see {log}):\n{tail}")
+        time.sleep(0.2)
 
 
 def _follow(cli_home: Path, run_id: str, run_dir: Path, total: int, round_timeout: float,
-            say: Callable[[str], None], tick: Callable[[str], None]) -> list[dict[str, Any]]:
+            say: Callable[[str], None], tick: Callable[[str], None], logs: Path
+            ) -> list[dict[str, Any]]:
     """Print each round as the server records it; return when Flower says the run ended."""
     seen = 0
     deadline = time.monotonic() + round_timeout * (total + 1)
@@ -207,7 +211,7 @@ def _follow(cli_home: Path, run_id: str, run_dir: Path, total: int, round_timeou
     if status != "finished:completed" or len(rows) != total:
         raise DemoFailed(
             f"run {run_id} ended as {status!r} after {len(rows)}/{total} rounds; "
-            f"see the logs in {cli_home.parent / 'logs'}"
+            f"see the logs in {logs}, <consortium>/server/ and each site's work/logs/"
         )
     return rows
 

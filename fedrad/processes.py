@@ -42,8 +42,8 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None,
-                  log: Path | None = None) -> None:
-    """Wait until 127.0.0.1:port accepts connections (or the process dies)."""
+                  log: Path | None = None, host: str = "127.0.0.1") -> None:
+    """Wait until host:port accepts connections (or the process dies)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -51,10 +51,10 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | 
             raise DeploymentError(f"process exited with {process.returncode}:\n{tail}")
         with socket.socket() as sock:
             sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
+            if sock.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
-    raise DeploymentError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
+    raise DeploymentError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
 
 
 @dataclass
@@ -63,9 +63,12 @@ class ProcessGroup:
 
     processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     _logs: list[IO[bytes]] = field(default_factory=list)
+    _grace: dict[int, float] = field(default_factory=dict)
 
     def start(self, name: str, command: list[str], *, log: Path, cwd: Path,
-              env: dict[str, str]) -> subprocess.Popen[bytes]:
+              env: dict[str, str], grace: float = 10.0) -> subprocess.Popen[bytes]:
+        """Start `command` in its own session; `grace`: seconds it gets to stop on SIGTERM
+        (longer for a `fedrad ... start` that stops processes of its own)."""
         log.parent.mkdir(parents=True, exist_ok=True)
         cwd.mkdir(parents=True, exist_ok=True)
         handle = log.open("ab")
@@ -75,10 +78,12 @@ class ProcessGroup:
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
         self.processes.append((name, process))
+        self._grace[process.pid] = grace
         return process
 
-    def stop(self, process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    def stop(self, process: subprocess.Popen[bytes], grace: float | None = None) -> None:
         """Terminate one process and everything in its session."""
+        grace = self._grace.get(process.pid, 10.0) if grace is None else grace
         if process.poll() is None:
             try:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -147,14 +152,14 @@ def run_status(flwr_home: Path, run_id: str) -> str:
     return str(data["runs"][0]["status"])
 
 
-def superlink_command(*, port: int, ca_cert: Path, cert: Path, key: Path,
+def superlink_command(*, host: str, port: int, ca_cert: Path, cert: Path, key: Path,
                       database: Path) -> list[str]:
     return [
         str(BIN / "flower-superlink"),
         "--ssl-ca-certfile", str(ca_cert), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
         "--enable-supernode-auth", "--database", str(database),
         "--disable-runtime-dependency-installation",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", host, "--port", str(port),
     ]
 
 
@@ -179,12 +184,15 @@ def worker_command(*, work_dir: Path) -> list[str]:
 
 
 def supernode_command(*, superlink: str, ca_cert: Path, auth_key: Path, port: int,
-                      node_config: dict[str, Any]) -> list[str]:
+                      node_config: dict[str, Any], trusted_entities: Path | None = None,
+                      max_retries: int = 20) -> list[str]:
+    """A SuperNode; with `trusted_entities` it runs only apps signed by those keys."""
+    trust = ["--trusted-entities", str(trusted_entities)] if trusted_entities else []
     return [
         str(BIN / "flower-supernode"),
         "--root-certificates", str(ca_cert), "--superlink", superlink,
         "--auth-supernode-private-key", str(auth_key),
         "--node-config", node_config_arg(node_config),
         "--host", "127.0.0.1", "--port", str(port),
-        "--max-retries", "20", "--max-wait-time", "120",
+        "--max-retries", str(max_retries), "--max-wait-time", "120", *trust,
     ]

@@ -85,11 +85,12 @@ def test_no_canary_leaves_a_site(demo) -> None:
     # The scanner finds the canaries where they belong: in the hospitals' own files.
     assert find_canaries([demo.out / "data"])
     server_side = [
-        demo.out / "server",  # SuperLink state database, run folder, checkpoints, report
-        demo.out / "logs" / "superlink.log",
+        demo.server_home,  # SuperLink state and log, run folder, checkpoints, report, audit
+        demo.out / "logs" / "server.log",
         demo.out / "logs" / "serverapp.log",
     ]
-    assert (demo.out / "server" / "state.db").is_file()
+    assert (demo.server_home / "state.db").is_file()
+    assert (demo.server_home / "superlink.log").stat().st_size > 0
     assert find_canaries(server_side) == []
 
 
@@ -135,12 +136,13 @@ def test_a_site_over_budget_refuses_and_the_server_records_it(refusing) -> None:
 def test_audit_logs_on_both_sides_are_intact_and_complete(demo) -> None:
     from common.audit import Head, verify
 
-    server_log = demo.out / "server" / "audit.jsonl"
+    server_log = demo.server_home / "audit.jsonl"
     registry = json.loads((demo.run_dir / "registry.json").read_text())
     head = verify(server_log, expected=Head(registry["audit"]["entries"],
                                             registry["audit"]["last_hash"]))
     events = [json.loads(line)["event"] for line in server_log.read_text().splitlines()]
-    assert events[0] == "run-started" and events[-1] == "run-finished"
+    assert events[:4] == ["site-registered"] * 3 + ["server-started"]
+    assert events[4] == "run-started" and events[-1] == "run-finished"
     assert events.count("round-completed") == events.count("checkpoint-saved") == ROUNDS
     assert events.count("global-model-sent") == ROUNDS and head.entries == len(events)
     checkpoints = [json.loads(line) for line in server_log.read_text().splitlines()
@@ -150,6 +152,7 @@ def test_audit_logs_on_both_sides_are_intact_and_complete(demo) -> None:
     for site in ("hospital-a", "hospital-b", "hospital-c"):
         site_log = demo.out / "sites" / site / "work" / "audit.jsonl"
         verify(site_log)
+        assert json.loads(site_log.read_text().splitlines()[0])["event"] == "site-started"
         sent = [json.loads(line) for line in site_log.read_text().splitlines()
                 if '"update-sent"' in line]
         assert [e["round"] for e in sent] == list(range(1, ROUNDS + 1))

@@ -1,0 +1,149 @@
+"""`fedrad server start`: the consortium's server side on one host.
+
+One command starts the consortium's app registry (127.0.0.1; signed ClientApp code,
+see fedrad/app_registry.py) and a SuperLink with TLS and node authentication whose
+state database lives in the consortium folder, registers every provisioned site's
+node key, unregisters revoked ones, and supervises the SuperLink until it is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.audit import AuditLog, digest
+from common.model_signing import SIGNING_KEY_ENV
+from fedrad import processes as proc
+from fedrad.app_registry import REGISTRY_ENV, AppRegistry
+from fedrad.consortium import Consortium, load_consortium
+
+DEFAULT_PORT = 9092
+
+
+@dataclass(frozen=True)
+class ServerHome:
+    """Where the server side keeps its state: `<consortium>/server/`."""
+
+    consortium: Path
+
+    @property
+    def root(self) -> Path:
+        return self.consortium / "server"
+
+    @property
+    def cli_home(self) -> Path:
+        """FLWR_HOME of the coordinator's `flwr` CLI, configured for this SuperLink."""
+        return self.root / "cli"
+
+    @property
+    def ready(self) -> Path:
+        """Written once the SuperLink listens and the sites are registered."""
+        return self.root / "ready.json"
+
+    @property
+    def nodes(self) -> Path:
+        return self.root / "nodes.json"
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.root / "audit.jsonl")
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def sync_sites(consortium: Consortium, home: ServerHome) -> dict[str, Any]:
+    """Register every provisioned site's node key; unregister every revoked one.
+
+    nodes.json maps site → {node_id, key_sha256, status}; each change is audited.
+    """
+    nodes: dict[str, Any] = _load(home.nodes)
+    audit = home.audit
+    for public in sorted((consortium.folder / "sites").glob("*.pub")):
+        site = public.stem
+        key_sha = digest(public.read_bytes())
+        if nodes.get(site, {}).get("key_sha256") == key_sha:
+            continue
+        out = proc.flwr_json(home.cli_home, "supernode", "register", str(public))
+        nodes[site] = {"node_id": str(out["node-id"]), "key_sha256": key_sha,
+                       "status": "registered"}
+        audit.append("site-registered", site=site, node_id=nodes[site]["node_id"],
+                     key_sha256=key_sha)
+    revoked = json.loads((consortium.folder / "revoked.json").read_text()) \
+        if (consortium.folder / "revoked.json").exists() else []
+    for entry in revoked:
+        record = nodes.get(entry["site"])
+        if record is None or record["status"] != "registered":
+            continue
+        proc.flwr_json(home.cli_home, "supernode", "unregister", record["node_id"])
+        record["status"] = "unregistered"
+        audit.append("site-unregistered", site=entry["site"], node_id=record["node_id"])
+    _save(home.nodes, nodes)
+    return nodes
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
+def start_server(consortium_folder: Path, *, host: str, port: int,
+                 say: Callable[[str], None]) -> int:
+    """Run the server side in the foreground; return the SuperLink's exit code."""
+    consortium = load_consortium(consortium_folder.resolve())
+    home = ServerHome(consortium.folder)
+    home.root.mkdir(exist_ok=True)
+    home.ready.unlink(missing_ok=True)
+    reach = "127.0.0.1" if host in {"0.0.0.0", "::"} else host  # noqa: S104
+    address = f"{reach}:{port}"
+    proc.write_cli_config(home.cli_home, name="fedrad", address=address,
+                          ca_cert=consortium.tls.ca_cert)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    log = home.root / "superlink.log"
+    try:
+        with AppRegistry(consortium.folder) as registry, proc.ProcessGroup() as group:
+            superlink = group.start(
+                "superlink",
+                proc.superlink_command(host=host, port=port, ca_cert=consortium.tls.ca_cert,
+                                       cert=consortium.tls.server_cert,
+                                       key=consortium.tls.server_key,
+                                       database=home.root / "state.db"),
+                log=log, cwd=home.root,
+                env={"FLWR_HOME": str(home.root / "flwr"), "FEDRAD_SERVER_HOME": str(home.root),
+                     SIGNING_KEY_ENV: str(consortium.folder / "signing.key"),
+                     REGISTRY_ENV: registry.api_url},
+            )
+            proc.wait_for_port(port, 60, superlink, log, host=reach)
+            nodes = sync_sites(consortium, home)
+            active = sorted(s for s, n in nodes.items() if n["status"] == "registered")
+            home.audit.append("server-started", address=address, sites=active)
+            _save(home.ready, {"pid": os.getpid(), "address": address,
+                               "registry": registry.url, "sites": active})
+            say(f"SuperLink on {host}:{port} (TLS, node authentication); sites: "
+                f"{', '.join(active) or 'none yet'}; signed apps served from "
+                f"{registry.url}; logs in {log}")
+            while superlink.poll() is None:
+                time.sleep(0.5)
+            return int(superlink.returncode)
+    except (_Stop, KeyboardInterrupt):
+        say("stopping the SuperLink")
+        return 0
+    finally:
+        home.ready.unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

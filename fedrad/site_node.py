@@ -1,0 +1,97 @@
+"""`fedrad site start`: one hospital's node, from its startup kit.
+
+Opens the kit (sealed kits need the passphrase), installs it in `<work-dir>/kit/`
+(mode 0700), checks the site's own settings before anything starts, then runs the
+site worker and a SuperNode with TLS (the consortium CA), the site's node key, and
+`--trusted-entities` (only ClientApp code the consortium signed runs here), and
+supervises both until stopped. The SuperNode's exit ends the command with its code,
+so a service manager can restart it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from client.site_config import SiteConfig
+from common.audit import AuditLog, digest
+from fedrad import processes as proc
+from fedrad.kit import Kit
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
+def node_config(kit_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """The SuperNode's node config: the hospital's values plus the kit's verify key.
+
+    Parsed with the ClientApp's own parser so a bad value is refused here, naming the
+    key, before any process starts.
+    """
+    config = {**values, "model-verify-key": str(kit_dir / "signing.pub")}
+    SiteConfig.from_mapping(config)
+    return config
+
+
+def start_site(kit: Kit, values: dict[str, Any], *, superlink: str | None,
+               say: Callable[[str], None], worker: bool = True) -> int:
+    """Run the site in the foreground; return the SuperNode's exit code."""
+    work_dir = Path(str(values["work-dir"])).expanduser().resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    kit_dir = kit.install(work_dir / "kit")
+    config = node_config(kit_dir, {**values, "work-dir": str(work_dir),
+                                   "data-dir": str(Path(str(values["data-dir"])).resolve())})
+    site = str(config["site-id"])
+    if site != kit.info["site"]:
+        say(f"note: site-id {site!r} differs from the kit's site {kit.info['site']!r}")
+    address = superlink or kit.info["superlink"]
+    logs = work_dir / "logs"
+    AuditLog(work_dir / "audit.jsonl").append(
+        "site-started", site=site, superlink=address,
+        node_key_sha256=digest(kit.files["node.pub"]),
+        trusted_key_sha256=digest(kit.files["trusted-entities.yaml"]))
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        with proc.ProcessGroup() as group:
+            if worker:
+                group.start("worker", proc.worker_command(work_dir=work_dir),
+                            log=logs / "worker.log", cwd=work_dir, env={})
+            supernode = group.start(
+                "supernode",
+                proc.supernode_command(
+                    superlink=address, ca_cert=kit_dir / "ca.pem",
+                    auth_key=kit_dir / "node.key", port=proc.free_port(),
+                    node_config=config, trusted_entities=kit_dir / "trusted-entities.yaml"),
+                log=logs / "supernode.log", cwd=work_dir,
+                env={"FLWR_HOME": str(work_dir / "flwr")},
+            )
+            say(f"site {site}: SuperNode connecting to {address} (TLS, node key "
+                f"{digest(kit.files['node.pub'])[:12]}, signed apps only); logs in {logs}")
+            while supernode.poll() is None:
+                time.sleep(0.5)
+            say(f"SuperNode exited with {supernode.returncode}; see {logs / 'supernode.log'}")
+            return int(supernode.returncode)
+    except (_Stop, KeyboardInterrupt):
+        say(f"stopping site {site}")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def read_passphrase(passphrase_file: Path | None) -> str | None:
+    """The kit passphrase: from a file (first line) or $FEDRAD_KIT_PASSPHRASE."""
+    from fedrad.kit import PASSPHRASE_ENV
+
+    if passphrase_file is not None:
+        return passphrase_file.read_text().splitlines()[0] if passphrase_file.stat().st_size \
+            else ""
+    return os.environ.get(PASSPHRASE_ENV)

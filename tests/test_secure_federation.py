@@ -1,0 +1,169 @@
+"""Who may join and what code may run, with real processes on 127.0.0.1.
+
+`fedrad server start` (TLS SuperLink, node authentication, signed-app registry) and
+`fedrad site start --kit` as the product runs them; the refused parties are real
+SuperNodes with the wrong key, no TLS, another consortium's CA, or apps that the
+consortium did not sign.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedrad import processes as proc
+from fedrad.app_registry import sign_app
+from fedrad.consortium import add_site, init_consortium, startup_kit
+from fedrad.demo import APP_DIR, CONFIGS, load_run_config
+from fedrad.server_node import ServerHome
+
+FEDRAD = [sys.executable, "-m", "fedrad.cli"]
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def _nodes(home: ServerHome) -> dict[str, str]:
+    """node id → status, as the SuperLink reports it."""
+    data = proc.flwr_json(home.cli_home, "supernode", "ls")
+    return {n["node-id"]: n["status"] for n in data["nodes"]}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, phantom_sites):
+    """One consortium server and one site (hospital-a), both started by the fedrad CLI."""
+    out = tmp_path_factory.mktemp("secure")
+    port = proc.free_port()
+    consortium = init_consortium(out / "consortium", "secure", ["127.0.0.1"], port)
+    add_site(consortium, "hospital-a")
+    kit = startup_kit(consortium, "hospital-a")
+    signed = sign_app(consortium.folder, APP_DIR)
+    home = ServerHome(consortium.folder)
+    with proc.ProcessGroup() as group:
+        server = group.start("server", [*FEDRAD, "server", "start", "--consortium",
+                                        str(consortium.folder), "--port", str(port)],
+                             log=out / "server.log", cwd=out, env={}, grace=30.0)
+        _wait(lambda: home.ready.exists() or server.poll() is not None, 90, "server ready")
+        assert server.poll() is None, (out / "server.log").read_text()
+        work = out / "site-a"
+        site = group.start("site", [*FEDRAD, "site", "start", "--kit", str(kit), "--data",
+                                    str(phantom_sites["hospital-a"]), "--work-dir", str(work),
+                                    "--epsilon-budget", "50"],
+                           log=out / "site.log", cwd=out, env={}, grace=30.0)
+        node_id = json.loads(home.nodes.read_text())["hospital-a"]["node_id"]
+        _wait(lambda: _nodes(home).get(node_id) == "online" or site.poll() is not None, 90,
+              "hospital-a online")
+        assert site.poll() is None, (out / "site.log").read_text()
+        yield {"out": out, "port": port, "consortium": consortium, "home": home,
+               "group": group, "work": work, "node_id": node_id, "signed": signed}
+
+
+@pytest.mark.deployment
+def test_only_registered_nodes_over_tls_from_the_consortium_ca_join(federation) -> None:
+    consortium, home, port = federation["consortium"], federation["home"], federation["port"]
+    out, group = federation["out"], federation["group"]
+    address = f"127.0.0.1:{port}"
+    add_site(consortium, "intruder")  # a key the SuperLink never registered
+    other = init_consortium(out / "other", "other", ["127.0.0.1"], port)
+    add_site(other, "alien")
+    attempts = {
+        "unregistered": (proc.supernode_command(
+            superlink=address, ca_cert=consortium.tls.ca_cert,
+            auth_key=consortium.site_keys("intruder").private_key, port=proc.free_port(),
+            node_config={}, max_retries=1), "Failed to activate SuperNode"),
+        "plaintext": ([str(proc.BIN / "flower-supernode"), "--insecure", "--superlink", address,
+                       "--port", str(proc.free_port()), "--max-retries", "1",
+                       "--max-wait-time", "10"], "could not establish a connection"),
+        "foreign-ca": (proc.supernode_command(
+            superlink=address, ca_cert=other.tls.ca_cert,
+            auth_key=other.site_keys("alien").private_key, port=proc.free_port(),
+            node_config={}, max_retries=1), "CERTIFICATE_VERIFY_FAILED"),
+    }
+    before = _nodes(home)
+    for name, (command, reason) in attempts.items():
+        log = out / f"{name}.log"
+        attempt = group.start(name, command, log=log, cwd=out,
+                              env={"FLWR_HOME": str(out / name)})
+        try:
+            code = attempt.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name}: the SuperNode kept running; it should have been refused")
+        assert code != 0, name
+        assert reason in log.read_text(), f"{name}: {log.read_text()[-1500:]}"
+    after = _nodes(home)
+    assert after == before  # nobody new, and hospital-a is still the only one online
+    assert list(after.values()).count("online") == 1
+    assert after[federation["node_id"]] == "online"
+
+
+def _stop(home: ServerHome, run_id: str) -> None:
+    """Stop a run unless the ServerApp already ended it (all its sites refused)."""
+    try:
+        proc.flwr_cli(home.cli_home, "stop", run_id)
+    except proc.DeploymentError as exc:
+        assert "already finished" in str(exc), exc
+
+
+def _submit(home: ServerHome, app: str, config: Path) -> str:
+    return str(proc.flwr_json(home.cli_home, "run", app, "--run-config", str(config))["run-id"])
+
+
+@pytest.mark.deployment
+def test_the_site_runs_only_code_the_consortium_signed(federation, tmp_path) -> None:
+    home, work, consortium = federation["home"], federation["work"], federation["consortium"]
+    values = load_run_config(CONFIGS / "demo.toml", {
+        "num-rounds": 1, "min-sites": 1, "secagg-enabled": False, "image-size": 32,
+        "local-epochs": 1, "round-timeout": 120.0})
+    config = tmp_path / "run.toml"
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    supernode_log = work / "logs" / "supernode.log"
+
+    def refusals() -> int:
+        text = supernode_log.read_text()
+        return text.count("FAB could not be verified") + text.count("FAB verification failed")
+
+    def sent() -> int:
+        audit = work / "audit.jsonl"
+        return audit.read_text().count('"update-sent"') if audit.exists() else 0
+
+    # 1. Unsigned: `flwr run <folder>` pushes a FAB without any signature.
+    unsigned = _submit(home, str(APP_DIR), config)
+    _wait(lambda: refusals() >= 1, 120, "the site to refuse the unsigned app")
+    _stop(home, unsigned)
+
+    # 2. Forged: the registry serves a signature of the same bytes by another key, under
+    #    the consortium key's id.
+    other = init_consortium(tmp_path / "other", "other", ["127.0.0.1"])
+    forged = sign_app(other.folder, APP_DIR)
+    index_path = consortium.folder / "apps" / "index.json"
+    genuine = index_path.read_text()
+    entries = json.loads(genuine)
+    assert forged.sha256 == entries[0]["sha256"]  # same code, other signer
+    entries[0]["signature"] = forged.signature
+    entries[0]["signed_at"] = forged.signed_at
+    index_path.write_text(json.dumps(entries))
+    try:
+        forged_run = _submit(home, federation["signed"].spec(), config)
+        _wait(lambda: refusals() >= 2, 120, "the site to refuse the foreign-signed app")
+        _stop(home, forged_run)
+    finally:
+        index_path.write_text(genuine)
+    assert sent() == 0  # no refused app ever reached the training code
+
+    # 3. The consortium's own signature: the site trains and sends its update.
+    run_id = _submit(home, federation["signed"].spec(), config)
+    _wait(lambda: sent() >= 1, 240, "the signed app to train at the site")
+    assert refusals() == 2
+    _wait(lambda: proc.run_status(home.cli_home, run_id).startswith("finished"), 120,
+          "the signed run to finish")
+    assert proc.run_status(home.cli_home, run_id) == "finished:completed"
