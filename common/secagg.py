@@ -132,6 +132,29 @@ class _RoundStrategy(Strategy):  # type: ignore[misc]
         return None
 
 
+class _DropoutSafeSecAggPlus(SecAggPlusWorkflow):  # type: ignore[misc]
+    """Flower's SecAgg+ workflow with the unmask stage's dead set corrected.
+
+    flwr 1.42 computes the dead nodes of the unmask stage as sampled − active, so a
+    site that drops before it has distributed its key shares (during setup or
+    share-keys) is listed as dead, and every surviving site then fails looking up a
+    share it never received (KeyError in `secaggplus_mod._unmask`): one early dropout
+    sinks the whole round. The protocol's dead set is U2 − U3: sites that shared keys
+    but sent no masked vector. Survivors only masked pairwise with sites whose shares
+    they received, so after share-keys the sampled set, and every site's neighbour set
+    (whose pairwise masks the server removes for a dead site), are narrowed to those
+    sites. Two dead sites' masks with each other cancel in Flower's unmask loop.
+    """
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        ok = bool(super().share_keys_stage(grid, context, state))
+        shared = set(state.active_node_ids)
+        state.sampled_node_ids = shared
+        for node in list(state.nid_to_neighbours):
+            state.nid_to_neighbours[node] = state.nid_to_neighbours[node] & shared
+        return ok
+
+
 def run_secagg_round(grid: Grid, context: Context, *, server_round: int,
                      global_arrays: list[np.ndarray], node_ids: list[int],
                      fit_config: dict[str, Any], settings: SecAggConfig,
@@ -148,7 +171,7 @@ def run_secagg_round(grid: Grid, context: Context, *, server_round: int,
     parameters = ndarrays_to_parameters(global_arrays)
     legacy.state.array_records[_MAIN_PARAMS] = compat.parameters_to_arrayrecord(parameters, True)
     legacy.state.config_records[_MAIN_CONFIG] = ConfigRecord({"current_round": server_round})
-    workflow = SecAggPlusWorkflow(
+    workflow = _DropoutSafeSecAggPlus(
         num_shares=1.0,  # every sampled site holds a share of every other's keys
         reconstruction_threshold=2 / 3,  # survives a third of the sites dropping out
         max_weight=settings.max_weight,

@@ -63,6 +63,23 @@ def consortium_add_site(
     typer.echo(f"startup kit for {site}: {kit}")
 
 
+@consortium_app.command("export-server")
+def consortium_export_server(
+    out: Annotated[Path, typer.Option(help="New folder for the server's copy")],
+    folder: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+) -> None:
+    """What the server host needs, without the CA's private key or any site's private key:
+    certificates, the server's TLS key, the signing key, sites' public keys, signed apps."""
+    from common.pki import ProvisioningError
+    from fedrad.consortium import export_server, load_consortium
+
+    try:
+        copied = export_server(load_consortium(folder), out)
+    except ProvisioningError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--out") from exc
+    typer.echo(f"server copy in {out}: {len(copied)} files (no ca.key, no site private keys)")
+
+
 @consortium_app.command("sign-app")
 def consortium_sign_app(
     folder: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
@@ -112,15 +129,18 @@ def server_start(
     consortium: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="SuperLink port (sites and coordinators)")] = 9092,
+    state_dir: Annotated[Path | None, typer.Option(
+        help="Server state: SuperLink database, runs, audit log (default: "
+        "<consortium>/server)")] = None,
 ) -> None:
-    """SuperLink (TLS, node authentication, state in <consortium>/server/) and the
+    """SuperLink (TLS, node authentication, state database kept across restarts) and the
     consortium's signed-app registry; registers provisioned sites; runs until stopped."""
     from common.pki import ProvisioningError
     from fedrad.processes import DeploymentError
     from fedrad.server_node import start_server
 
     try:
-        code = start_server(consortium, host=host, port=port, say=typer.echo)
+        code = start_server(consortium, host=host, port=port, say=typer.echo, state=state_dir)
     except (ProvisioningError, DeploymentError) as exc:
         typer.echo(f"server did not start: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -130,6 +150,8 @@ def server_start(
 @server_app.command("sync-sites")
 def server_sync_sites(
     consortium: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+    state_dir: Annotated[Path | None, typer.Option(
+        help="The server's --state-dir, if it was given one")] = None,
 ) -> None:
     """On a running server: register new sites' keys, unregister revoked ones."""
     from fedrad.consortium import load_consortium
@@ -137,7 +159,7 @@ def server_sync_sites(
     from fedrad.server_node import ServerHome, sync_sites
 
     loaded = load_consortium(consortium)
-    home = ServerHome(loaded.folder)
+    home = ServerHome(loaded.folder, state_dir)
     if not home.ready.exists():
         typer.echo(f"no running server for {consortium} (start it: fedrad server start)",
                    err=True)

@@ -108,6 +108,29 @@ def startup_kit(consortium: Consortium, site: str, passphrase: str | None = None
     return path
 
 
+def export_server(consortium: Consortium, out: Path) -> list[Path]:
+    """Copy what `fedrad server start` reads into a new folder (mode 0700): never the
+    CA's private key or a site's private key."""
+    if out.exists() and any(out.iterdir()):
+        raise pki.ProvisioningError(f"{out} is not empty; choose a new folder")
+    folder = consortium.folder
+    wanted = [folder / n for n in ("ca.crt", "server.pem", "server.key", "signing.key",
+                                   "signing.pub", "consortium.json", "revoked.json")]
+    wanted += sorted((folder / "sites").glob("*.pub")) + sorted((folder / "apps").glob("*"))
+    copied = []
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o700)
+    for path in wanted:
+        if not path.is_file():
+            continue
+        target = out / path.relative_to(folder)
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(path.read_bytes())
+        target.chmod(path.stat().st_mode & 0o777)
+        copied.append(target)
+    return copied
+
+
 def remove_site(consortium: Consortium, site: str) -> Path:
     """Revoke a site: its key moves to revoked/ and is listed in revoked.json.
 

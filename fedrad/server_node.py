@@ -28,13 +28,15 @@ DEFAULT_PORT = 9092
 
 @dataclass(frozen=True)
 class ServerHome:
-    """Where the server side keeps its state: `<consortium>/server/`."""
+    """Where the server side keeps its state: `state`, by default `<consortium>/server/`
+    (a container or service keeps the consortium read-only and its state on a volume)."""
 
     consortium: Path
+    state: Path | None = None
 
     @property
     def root(self) -> Path:
-        return self.consortium / "server"
+        return self.state if self.state is not None else self.consortium / "server"
 
     @property
     def cli_home(self) -> Path:
@@ -104,11 +106,11 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 
 def start_server(consortium_folder: Path, *, host: str, port: int,
-                 say: Callable[[str], None]) -> int:
+                 say: Callable[[str], None], state: Path | None = None) -> int:
     """Run the server side in the foreground; return the SuperLink's exit code."""
     consortium = load_consortium(consortium_folder.resolve())
-    home = ServerHome(consortium.folder)
-    home.root.mkdir(exist_ok=True)
+    home = ServerHome(consortium.folder, state.resolve() if state else None)
+    home.root.mkdir(parents=True, exist_ok=True)
     home.ready.unlink(missing_ok=True)
     reach = "127.0.0.1" if host in {"0.0.0.0", "::"} else host  # noqa: S104
     address = f"{reach}:{port}"

@@ -21,7 +21,7 @@ from common.models import build_model, load_pretrained
 from common.weights import add, check_finite, from_arrays, global_norm, plain_state_dict, to_arrays
 from server.central_dp import CentralDP
 from server.polling_grid import PollingGrid
-from server.registry import RoundRecord, RunFolder, SiteRound, server_home
+from server.registry import RoundRecord, RunFolder, SiteRound, registered_sites, server_home
 from server.report import write_report
 from server.rounds import Replies, evaluate_round, train_round
 
@@ -109,7 +109,8 @@ def main(grid: Grid, context: Context) -> None:
     central = CentralDP(config.central_dp) if config.central_dp.enabled else None
     signer = _signing_key()
     global_arrays = to_arrays(template)
-    names: dict[int, str] = {}
+    registered = registered_sites()  # node id → site, from the node keys the server holds
+    names: dict[int, str] = dict(registered)
     try:
         wait_for_nodes(grid, config.min_sites, config.round_timeout)
         for server_round in range(1, config.num_rounds + 1):
@@ -125,7 +126,7 @@ def main(grid: Grid, context: Context) -> None:
                                 global_arrays=global_arrays, node_ids=node_ids,
                                 signature=sign_model(signer, global_arrays, context.run_id,
                                                      server_round, "train"))
-            names.update(train.site_ids)
+            names.update({n: s for n, s in train.site_ids.items() if n not in registered})
             if train.update is None:  # recorded (who refused, who dropped), then stop
                 run.record_round(RoundRecord(
                     server_round=server_round, wall_seconds=time.perf_counter() - start,
@@ -150,7 +151,7 @@ def main(grid: Grid, context: Context) -> None:
                                         signature=sign_model(signer, global_arrays,
                                                              context.run_id, server_round,
                                                              "evaluate"))
-            names.update(evaluation.site_ids)
+            names.update({n: s for n, s in evaluation.site_ids.items() if n not in registered})
             wall = time.perf_counter() - start
             slowest = max(
                 (m.get("load-seconds", 0.0) + m.get("train-seconds", 0.0)

@@ -40,6 +40,16 @@ def server_home() -> Path:
     return Path(os.environ.get(SERVER_HOME_ENV, "fedrad-server")).resolve()
 
 
+def registered_sites() -> dict[int, str]:
+    """node id → site name of every site `fedrad server start` registered (nodes.json in
+    the server home): names bound to node keys, not to what a site says of itself."""
+    path = server_home() / "nodes.json"
+    if not path.exists():
+        return {}
+    return {int(record["node_id"]): site
+            for site, record in json.loads(path.read_text()).items()}
+
+
 @dataclass
 class SiteRound:
     """One site's part in one round (numbers and fixed status words only)."""

@@ -51,9 +51,11 @@ def _numbers(values: Any) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if keys.is_allowed_metric(k)}
 
 
-def _collect(replies: list[Message], out: Replies) -> None:
+def _collect(replies: list[Message], out: Replies, node_ids: list[int]) -> None:
     for reply in replies:
         node = reply.metadata.src_node_id
+        if node not in node_ids:  # e.g. the SuperLink's own error for an offline node
+            continue
         if reply.has_error():
             out.statuses[node] = _status_of_error(reply.error.code)
             continue
@@ -92,7 +94,7 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
         for node in node_ids
     ]
     replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
-    _collect(replies, out)
+    _collect(replies, out, node_ids)
     updates, weights = [], []
     for reply in replies:
         if not reply.has_error():
@@ -120,7 +122,7 @@ def evaluate_round(grid: Grid, config: RunConfig, *, server_round: int,
         for node in node_ids
     ]
     out = Replies()
-    _collect(list(grid.send_and_receive(messages, timeout=config.round_timeout)), out)
+    _collect(list(grid.send_and_receive(messages, timeout=config.round_timeout)), out, node_ids)
     for node in node_ids:
         out.statuses.setdefault(node, "no-reply")
     return out

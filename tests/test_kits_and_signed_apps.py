@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from common.pki import ProvisioningError
 from fedrad.app_registry import AppRegistry, key_id, sign_app
 from fedrad.cli import app
-from fedrad.consortium import add_site, init_consortium, startup_kit
+from fedrad.consortium import add_site, export_server, init_consortium, startup_kit
 from fedrad.demo import APP_DIR
 from fedrad.kit import MEMBERS, KitError, open_kit
 
@@ -162,3 +162,18 @@ def test_the_registry_serves_signed_apps_only(consortium) -> None:
             with pytest.raises(urllib.error.HTTPError) as missing:
                 urllib.request.urlopen(registry.url + path, timeout=10)  # noqa: S310
             assert missing.value.code == 404
+
+
+def test_the_server_copy_holds_no_private_key_but_its_own(consortium, tmp_path) -> None:
+    signed = sign_app(consortium.folder, APP_DIR)
+    copied = export_server(consortium, tmp_path / "bundle")
+    names = {str(p.relative_to(tmp_path / "bundle")) for p in copied}
+    assert {"ca.crt", "server.pem", "server.key", "signing.key", "signing.pub",
+            "consortium.json", "sites/hospital-a.pub", f"apps/{signed.sha256}.fab",
+            "apps/index.json"} == names
+    assert stat.S_IMODE((tmp_path / "bundle" / "server.key").stat().st_mode) == 0o600
+    for path in copied:
+        if path.name != "server.key" and path.name != "signing.key":
+            assert b"PRIVATE KEY" not in path.read_bytes(), path
+    with pytest.raises(ProvisioningError, match="not empty"):
+        export_server(consortium, tmp_path / "bundle")
