@@ -1,9 +1,11 @@
 """`fedrad demo`: a whole federation on this host, from nothing to a report.
 
 1. generate the built-in hospitals (or use `--data`: one sub-folder per site),
-2. provision a consortium (CA, SuperLink certificate, one node key per site),
-3. start a TLS SuperLink with node authentication and one SuperNode per site,
-4. submit the run with `flwr run` and show its progress round by round,
+2. provision a consortium (CA, SuperLink certificate, one node key and kit per site) and
+   sign the fedrad app,
+3. start `fedrad server start` (TLS SuperLink, node authentication, signed-app registry)
+   and one `fedrad site start --kit` per site (SuperNode running signed code only + worker),
+4. submit the signed app with `flwr run @fedrad/fedrad==X.Y.Z`, show progress by round,
 5. stop every process, whatever happens, and print the report's path.
 """
 

@@ -11,93 +11,23 @@ for 4 sites of 20-300 examples with max_weight 1000).
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterable
-
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
-from flwr.common import bytes_to_ndarray
+from flwr.app import Context, RecordDict
 from flwr.common.secure_aggregation.quantization import quantize
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 import common.secagg as secagg
 from common.config import RunConfig
+from tests.secagg_loopback import SEEN_BY_SERVER, LoopbackGrid, site
 
 SETTINGS = RunConfig.from_mapping({}).secagg
 STEP = 2 * SETTINGS.clipping_range / (SETTINGS.quantization_range - 1)
 SHAPES = [(3, 4), (5,)]
-SEEN_BY_SERVER: dict[int, list[np.ndarray]] = {}  # each site's upload of its update
-
-
-class LoopbackGrid(Grid):
-    """Delivers each message to a site function in this process; a site that returns
-    None has dropped out (no reply, as a dead link gives)."""
-
-    def __init__(self, sites: dict[int, Callable[[Message], Message | None]]) -> None:
-        self.sites = sites
-        self._run = Run.create_empty(run_id=1)
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, *args, **kwargs) -> Message:  # the workflow builds its own
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.sites)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for sent in messages:
-            # A copy per site, as the wire gives: the workflow shares one content
-            # object between messages and the site mod pops keys from it.
-            message = copy.deepcopy(sent)
-            message.metadata.__dict__["_message_id"] = message.object_id
-            reply = self.sites[message.metadata.dst_node_id](message)
-            if reply is not None:
-                replies.append(reply)
-        return replies
-
-
-def _site(node: int, update: list[np.ndarray], examples: int,
-          drop_at: str | None) -> Callable[[Message], Message | None]:
-    context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(),
-                      run_config={})
-
-    def train(msg: Message, ctx: Context) -> Message:
-        return secagg.pack_legacy_reply(msg, update, examples, {"site-id": f"s{node}"})
-
-    def handle(msg: Message) -> Message | None:
-        stage = msg.content.config_records[RECORD_KEY_CONFIGS]["stage"]
-        if stage == drop_at:
-            return None
-        reply = secagg.secagg_mod(msg, context, train)
-        reply.metadata.__dict__["_src_node_id"] = node
-        if stage == "collect_masked_vectors":
-            SEEN_BY_SERVER[node] = [bytes_to_ndarray(b) for b in reply.content.config_records[
-                RECORD_KEY_CONFIGS]["masked_params"]]
-        return reply
-
-    return handle
 
 
 def _round(updates, examples, drop_at: dict[int, str]):
-    grid = LoopbackGrid({node: _site(node, updates[node], examples[node], drop_at.get(node))
+    grid = LoopbackGrid({node: site(node, updates[node], examples[node], drop_at.get(node))
                          for node in updates})
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     globals_ = [np.zeros(s, dtype=np.float32) for s in SHAPES]

@@ -65,7 +65,8 @@ def federation(tmp_path_factory, phantom_sites):
               "hospital-a online")
         assert site.poll() is None, (out / "site.log").read_text()
         yield {"out": out, "port": port, "consortium": consortium, "home": home,
-               "group": group, "work": work, "node_id": node_id, "signed": signed}
+               "group": group, "work": work, "node_id": node_id, "signed": signed,
+               "server": server, "sites": phantom_sites}
 
 
 @pytest.mark.deployment
@@ -167,3 +168,51 @@ def test_the_site_runs_only_code_the_consortium_signed(federation, tmp_path) -> 
     _wait(lambda: proc.run_status(home.cli_home, run_id).startswith("finished"), 120,
           "the signed run to finish")
     assert proc.run_status(home.cli_home, run_id) == "finished:completed"
+
+
+def _fedrad(*args: str) -> str:
+    result = subprocess.run([*FEDRAD, *args], capture_output=True, text=True, timeout=180,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.deployment
+def test_sites_are_revoked_on_the_running_server_and_state_survives_a_restart(
+        federation) -> None:
+    consortium, home, group = federation["consortium"], federation["home"], federation["group"]
+    out, folder = federation["out"], str(federation["consortium"].folder)
+    add_site(consortium, "hospital-r")
+    kit = startup_kit(consortium, "hospital-r")
+    assert "hospital-r: node" in _fedrad("server", "sync-sites", "--consortium", folder)
+    node_r = json.loads(home.nodes.read_text())["hospital-r"]["node_id"]
+    site_r = group.start("site-r", [*FEDRAD, "site", "start", "--kit", str(kit), "--data",
+                                    str(federation["sites"]["hospital-b"]), "--work-dir",
+                                    str(out / "site-r"), "--epsilon-budget", "5"],
+                         log=out / "site-r.log", cwd=out, env={}, grace=30.0)
+    _wait(lambda: _nodes(home).get(node_r) == "online", 90, "hospital-r online")
+
+    _fedrad("consortium", "remove-site", "hospital-r", "--folder", folder)
+    synced = _fedrad("server", "sync-sites", "--consortium", folder)
+    assert f"hospital-r: node {node_r} unregistered" in synced
+    assert _nodes(home)[node_r] == "unregistered"  # the SuperLink no longer accepts the key
+    _wait(lambda: site_r.poll() is not None, 120, "the revoked SuperNode to be shut out")
+    events = [json.loads(x)["event"] for x in (home.root / "audit.jsonl").read_text()
+              .splitlines()]
+    assert events.count("site-registered") == 2 and events.count("site-unregistered") == 1
+
+    # Restart the server: same state database, so hospital-a's node id stays valid and its
+    # SuperNode (which retries) is back online without registering anything again.
+    group.stop(federation["server"])
+    assert not home.ready.exists()
+    restarted = group.start("server-2", [*FEDRAD, "server", "start", "--consortium", folder,
+                                         "--port", str(federation["port"])],
+                            log=out / "server-2.log", cwd=out, env={}, grace=30.0)
+    _wait(lambda: home.ready.exists() or restarted.poll() is not None, 90, "server restart")
+    assert restarted.poll() is None, (out / "server-2.log").read_text()
+    _wait(lambda: _nodes(home).get(federation["node_id"]) == "online", 120,
+          "hospital-a back online after the restart")
+    assert json.loads(home.nodes.read_text())["hospital-a"]["node_id"] == federation["node_id"]
+    events = [json.loads(x)["event"] for x in (home.root / "audit.jsonl").read_text()
+              .splitlines()]
+    assert events.count("server-started") == 2 and events.count("site-registered") == 2
