@@ -40,7 +40,7 @@ from common.audit import AuditLog, digest
 from common.config import RunConfig
 from common.phi import PHIGuard
 from common.secagg import check_range
-from common.weights import check_finite, global_norm, subtract
+from common.weights import check_finite, global_norm, pack, subtract, unpack
 
 LOG = logging.getLogger("fedrad.client")
 LEDGER_FILE = "privacy-ledger.json"
@@ -104,8 +104,8 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
     """Train locally with DP-SGD: the update (local - global), its FedAvg weight, metrics."""
     setup = _setup(run_id, node_config, run_config)
     config, site, algo = setup.config, setup.site, setup.algo
-    check_finite(global_arrays)
-    algo.set_weights(global_arrays)
+    check_finite(global_arrays)  # the wire form: one packed vector (common.weights)
+    algo.set_weights(unpack(global_arrays, algo.get_weights()))
 
     metrics: dict[str, int | float | list[int] | list[float]] = {}
     noise: float | None = None
@@ -143,7 +143,7 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
             keys.DELTA: ledger.delta,
             keys.NOISE_MULTIPLIER: noise,
         })
-    local = algo.get_weights()
+    local = pack(algo.get_weights())
     weight = result.num_examples  # FedAvg weighting ...
     if config.central_dp.enabled:  # ... or uniform, with each update clipped (central DP)
         compute_clip_model_update(local, global_arrays, config.central_dp.clipping_norm)
@@ -179,7 +179,7 @@ def evaluate_outcome(*, run_id: int, node_config: dict[str, Any], run_config: di
     """The task's metrics of the global model on the held-out patients."""
     setup = _setup(run_id, node_config, run_config)
     check_finite(global_arrays)
-    setup.algo.set_weights(global_arrays)
+    setup.algo.set_weights(unpack(global_arrays, setup.algo.get_weights()))
     result = setup.algo.evaluate()
     metrics: dict[str, int | float | list[int] | list[float]] = {
         keys.EVAL_LOSS: result.loss,

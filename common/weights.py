@@ -1,4 +1,10 @@
-"""Model weights on the wire: plain state dicts as ordered float32 arrays."""
+"""Model weights on the wire: plain state dicts as ordered float32 arrays, sent packed
+as one contiguous float32 vector (`pack` / `unpack`).
+
+Flower moves every array of a record as its own object (and each in 5 MB chunks), so a
+DenseNet121's 364 arrays cost hundreds of object transfers per message; one vector costs
+a handful. Both sides know the layout: it is the run's model, built from the run config.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +44,26 @@ def from_arrays(template: OrderedDict[str, torch.Tensor],
             raise UpdateError(f"{key}: expected shape {tuple(ref.shape)}, got {array.shape}")
         out[key] = torch.from_numpy(np.asarray(array, dtype=np.float32).copy())
     return out
+
+
+def pack(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Arrays → the wire form: a list holding one flat float32 vector."""
+    if not arrays:
+        return [np.zeros(0, dtype=np.float32)]
+    return [np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])]
+
+
+def unpack(wire: list[np.ndarray], like: list[np.ndarray]) -> list[np.ndarray]:
+    """The wire form → arrays shaped as `like` (the run's model); refuses a mismatch."""
+    if len(wire) != 1 or wire[0].ndim != 1:
+        raise UpdateError(f"expected one packed vector, got {len(wire)} arrays")
+    sizes = [int(a.size) for a in like]
+    if wire[0].size != sum(sizes):
+        raise UpdateError(f"packed model has {wire[0].size} values, the run's model has "
+                          f"{sum(sizes)}; sites and server must run the same model config")
+    offsets = np.cumsum([0, *sizes])
+    return [np.asarray(wire[0][start:end], dtype=np.float32).reshape(a.shape).copy()
+            for start, end, a in zip(offsets[:-1], offsets[1:], like, strict=True)]
 
 
 def check_finite(arrays: list[np.ndarray]) -> None:

@@ -18,7 +18,16 @@ from common.audit import digest
 from common.config import RunConfig
 from common.model_signing import SIGNING_KEY_ENV, load_signing_key, sign_model
 from common.models import build_model, load_pretrained
-from common.weights import add, check_finite, from_arrays, global_norm, plain_state_dict, to_arrays
+from common.weights import (
+    add,
+    check_finite,
+    from_arrays,
+    global_norm,
+    pack,
+    plain_state_dict,
+    to_arrays,
+    unpack,
+)
 from server.central_dp import CentralDP
 from server.polling_grid import PollingGrid
 from server.registry import RoundRecord, RunFolder, SiteRound, registered_sites, server_home
@@ -108,7 +117,8 @@ def main(grid: Grid, context: Context) -> None:
     template = plain_state_dict(model)
     central = CentralDP(config.central_dp) if config.central_dp.enabled else None
     signer = _signing_key()
-    global_arrays = to_arrays(template)
+    layout = to_arrays(template)
+    global_arrays = pack(layout)  # the wire form: one vector (common.weights)
     registered = registered_sites()  # node id → site, from the node keys the server holds
     names: dict[int, str] = dict(registered)
     try:
@@ -173,7 +183,8 @@ def main(grid: Grid, context: Context) -> None:
                 failures=sorted(s for s in train.statuses.values() if s != "ok"),
             )
             run.record_round(record)
-            run.save_checkpoint(server_round, from_arrays(template, global_arrays))
+            run.save_checkpoint(server_round,
+                                from_arrays(template, unpack(global_arrays, layout)))
             LOG.info("round %d/%d: %d/%d sites, pooled %s %.3f, wall %.1fs, slowest site %.1fs",
                      server_round, config.num_rounds, record.sites_trained, len(node_ids),
                      record.score_metric, record.pooled_score, wall, slowest)

@@ -58,11 +58,12 @@ def test_site_updates_are_clipped_and_weighted_uniformly(phantom_sites, tmp_path
     has norm <= C and FedAvg weight 1; with it off, the same round's update is larger."""
     from client.site_round import train_outcome
     from common.models import build_model
-    from common.weights import plain_state_dict, to_arrays
+    from common.weights import pack, plain_state_dict, to_arrays
 
     run_config = {"image-size": 32, "local-epochs": 1, "batch-size": 8, "augment": False,
                   "central-dp-enabled": True, "central-dp-clipping-norm": 0.01}
-    global_arrays = to_arrays(plain_state_dict(build_model(RunConfig.from_mapping(run_config))))
+    global_arrays = pack(to_arrays(plain_state_dict(build_model(
+        RunConfig.from_mapping(run_config)))))
     outcomes = {}
     for enabled in (True, False):
         node_config = {"site-id": "hospital-a", "data-dir": str(phantom_sites["hospital-a"]),

@@ -17,7 +17,7 @@ from client.errors import SiteRefusal
 from common import keys
 from common.config import RunConfig
 from common.models import build_model
-from common.weights import plain_state_dict, to_arrays
+from common.weights import pack, plain_state_dict, to_arrays
 
 RUN_CONFIG = {"image-size": 32, "local-epochs": 1, "batch-size": 8, "num-rounds": 2,
               "dp-target-epsilon": 8.0, "augment": False}
@@ -54,7 +54,8 @@ def test_worker_trains_like_the_clientapp_process_and_stays_warm(site, tmp_path)
     work, node_config = site
     assert oct((work / worker.KEY_NAME).stat().st_mode & 0o777) == "0o600"
     assert oct((work / worker.SOCKET_NAME).stat().st_mode & 0o777) == "0o600"
-    global_arrays = to_arrays(plain_state_dict(build_model(RunConfig.from_mapping(RUN_CONFIG))))
+    global_arrays = pack(to_arrays(plain_state_dict(build_model(
+        RunConfig.from_mapping(RUN_CONFIG)))))
     request = {"run_id": 7, "node_config": node_config, "run_config": RUN_CONFIG,
                "global_arrays": global_arrays, "server_round": 1, "legacy": False}
     remote = worker.call(work, "train", request)
@@ -74,7 +75,8 @@ def test_worker_trains_like_the_clientapp_process_and_stays_warm(site, tmp_path)
 def test_refusal_keeps_its_code_and_the_worker_goes_on(site) -> None:
     work, node_config = site
     broke = {**node_config, "epsilon-budget": 0.5}
-    global_arrays = to_arrays(plain_state_dict(build_model(RunConfig.from_mapping(RUN_CONFIG))))
+    global_arrays = pack(to_arrays(plain_state_dict(build_model(
+        RunConfig.from_mapping(RUN_CONFIG)))))
     request = {"run_id": 8, "node_config": broke, "run_config": RUN_CONFIG,
                "global_arrays": global_arrays, "server_round": 1, "legacy": False}
     with pytest.raises(SiteRefusal) as refusal:
@@ -82,7 +84,7 @@ def test_refusal_keeps_its_code_and_the_worker_goes_on(site) -> None:
     assert refusal.value.code == keys.ERROR_BUDGET_REFUSED
     assert refusal.value.reason == keys.REASON_BUDGET_REFUSED
     with pytest.raises(SiteRefusal) as failure:  # a bad request: a fixed reason, no text
-        worker.call(work, "train", {**request, "global_arrays": global_arrays[:-1]})
+        worker.call(work, "train", {**request, "global_arrays": [global_arrays[0][:-1]]})
     assert failure.value.code == keys.ERROR_SITE_FAILED
     assert worker.call(work, "evaluate", {k: v for k, v in request.items() if k != "legacy"})
 
