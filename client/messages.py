@@ -85,7 +85,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         return pack_legacy_reply(msg, out["update"], out["weight"],
                                  {**out["metrics"], keys.SITE_ID: out["site_id"]})
     content = RecordDict({  # the same records the PHI guard passed in site_round
-        keys.UPDATE: ArrayRecord([np.asarray(a, dtype=np.float32) for a in out["update"]]),
+        keys.UPDATE: ArrayRecord([np.asarray(a) for a in out["update"]]),  # run's dtype
         keys.METRICS: MetricRecord(out["metrics"]),
         keys.SITE: ConfigRecord({keys.SITE_ID: out["site_id"], keys.STATUS: keys.STATUS_OK}),
     })

@@ -98,7 +98,8 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
     updates, weights = [], []
     for reply in replies:
         if not reply.has_error():
-            updates.append(reply.content.array_records[keys.UPDATE].to_numpy_ndarrays())
+            updates.append([np.asarray(a, dtype=np.float32) for a in  # float16 travels too
+                            reply.content.array_records[keys.UPDATE].to_numpy_ndarrays()])
             weights.append(out.metrics[reply.metadata.src_node_id][keys.NUM_EXAMPLES])
     for node in node_ids:
         out.statuses.setdefault(node, "no-reply")
