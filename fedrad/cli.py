@@ -51,11 +51,14 @@ def consortium_add_site(
     """The site's node key pair and its startup kit (mode 0600)."""
     from common.pki import ProvisioningError
     from fedrad.consortium import add_site, load_consortium, startup_kit
+    from fedrad.kit import check_passphrase
     from fedrad.site_node import read_passphrase
 
     try:
         consortium = load_consortium(folder)
-        passphrase = read_passphrase(passphrase_file) if passphrase_file else None
+        passphrase = None  # checked before any key is made: a refused kit leaves nothing
+        if passphrase_file is not None:
+            passphrase = check_passphrase(read_passphrase(passphrase_file) or "")
         add_site(consortium, site)
         kit = startup_kit(consortium, site, passphrase)
     except ProvisioningError as exc:

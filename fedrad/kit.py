@@ -92,10 +92,16 @@ def _kdf(salt: bytes) -> Scrypt:
     return Scrypt(salt=salt, length=32, n=2**15, r=8, p=1)
 
 
-def seal(data: bytes, passphrase: str) -> bytes:
-    """Encrypt a kit with a passphrase (scrypt → AES-256-GCM; magic and salt bound in)."""
+def check_passphrase(passphrase: str) -> str:
+    """Refuse a passphrase too short to seal a kit with (an empty one included)."""
     if len(passphrase) < MIN_PASSPHRASE:
         raise KitError(f"a kit passphrase needs at least {MIN_PASSPHRASE} characters")
+    return passphrase
+
+
+def seal(data: bytes, passphrase: str) -> bytes:
+    """Encrypt a kit with a passphrase (scrypt → AES-256-GCM; magic and salt bound in)."""
+    check_passphrase(passphrase)
     salt, nonce = os.urandom(16), os.urandom(12)
     key = _kdf(salt).derive(passphrase.encode())
     return SEAL_MAGIC + salt + nonce + AESGCM(key).encrypt(nonce, data, SEAL_MAGIC + salt)

@@ -90,6 +90,11 @@ def test_cli_seals_a_kit_and_site_start_checks_settings_before_starting(tmp_path
     assert runner.invoke(app, ["consortium", "init", "lungs", "--folder", str(folder),
                                "--port", "9443"]).exit_code == 0
     secret = tmp_path / "passphrase"
+    secret.write_text("")
+    empty = runner.invoke(app, ["consortium", "add-site", "hospital-a", "--folder", str(folder),
+                                "--passphrase-file", str(secret)])
+    assert empty.exit_code != 0 and "at least 12 characters" in _text(empty.output)
+    assert not (folder / "sites" / "hospital-a.key").exists()  # no half-provisioned site
     secret.write_text(PASSPHRASE + "\n")
     made = runner.invoke(app, ["consortium", "add-site", "hospital-a", "--folder", str(folder),
                                "--passphrase-file", str(secret)])
