@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client import dp_samplers
 from client.dataset import SiteDataset
 from common import keys
-from common.config import Optimizer, RunConfig, Task
+from common.config import Optimizer, RunConfig, Strategy, Task
 from common.models import build_model
 from common.weights import from_arrays, plain_state_dict, to_arrays
 
@@ -121,6 +121,30 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (images * contrast.to(images.device) + brightness.to(images.device)).clamp(0, 1)
 
 
+class _Proximal:
+    """FedProx's local term μ/2·||w - w_global||², as a decoupled step after each update:
+    w ← w - lr·μ·(w - w_global). It reads no data, so under DP-SGD it is post-processing
+    and costs no privacy (a loss term would be lost in Opacus' per-sample gradients)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], rate: float) -> None:
+        self.params = params
+        self.anchor = [p.detach().clone() for p in params]
+        self.rate = rate
+
+    @classmethod
+    def of(cls, config: RunConfig, model: torch.nn.Module) -> _Proximal | None:
+        settings = config.strategy
+        if settings.name is not Strategy.FEDPROX or settings.proximal_mu == 0:
+            return None
+        params = [p for p in model.parameters() if p.requires_grad]
+        return cls(params, min(1.0, config.learning_rate * settings.proximal_mu))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for param, anchor in zip(self.params, self.anchor, strict=True):
+            param.sub_(self.rate * (param - anchor))
+
+
 class LocalAlgo:
     """Shared by every task: data split, DP-SGD training loop, weights in and out."""
 
@@ -177,6 +201,7 @@ class LocalAlgo:
                 poisson_sampling=True,
             )
         model.train()
+        proximal = _Proximal.of(self.config, model)
         losses: list[float] = []
         steps = 0
         for _ in range(self.config.local_epochs):
@@ -192,6 +217,8 @@ class LocalAlgo:
                 loss = self.loss(model(images), targets)
                 loss.backward()
                 optimizer.step()
+                if proximal is not None:
+                    proximal.step()
                 losses.append(float(loss.detach()))
                 steps += 1
         sample_rate, _ = dp_sampling(self.num_train, self.config.batch_size)

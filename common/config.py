@@ -50,6 +50,22 @@ class Optimizer(enum.StrEnum):
     SGD = "sgd"
 
 
+class Strategy(enum.StrEnum):
+    """How the server combines the sites' updates (Flower's Message-API strategies)."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"  # FedAvg on the server; sites pull towards the global model
+    FEDADAM = "fedadam"  # server-side Adam on the averaged update
+    FEDMEDIAN = "fedmedian"  # coordinate-wise median (robust)
+    FEDTRIMMEDAVG = "fedtrimmedavg"  # coordinate-wise trimmed mean (robust)
+    KRUM = "krum"  # the update closest to its neighbours (robust)
+
+    @property
+    def needs_individual_updates(self) -> bool:
+        """Robust rules look at each site's update, which SecAgg+ hides from the server."""
+        return self in {Strategy.FEDMEDIAN, Strategy.FEDTRIMMEDAVG, Strategy.KRUM}
+
+
 class UpdateDType(enum.StrEnum):
     """How a site's update travels without SecAgg+ (SecAgg+ sends integers anyway)."""
 
@@ -123,6 +139,40 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class StrategyConfig:
+    """The aggregation rule and its settings."""
+
+    name: Strategy
+    proximal_mu: float  # fedprox: pull of each local step towards the global model
+    server_learning_rate: float  # fedadam: the server optimiser's step (eta)
+    trim_fraction: float  # fedtrimmedavg: share cut at each end, per coordinate
+    krum_byzantine: int  # krum: how many hostile sites to tolerate
+
+    def __post_init__(self) -> None:
+        if not self.proximal_mu >= 0:
+            raise ConfigError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        if not self.server_learning_rate > 0:
+            raise ConfigError(f"server-learning-rate must be > 0, got "
+                              f"{self.server_learning_rate}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """What a round tolerates: k-of-n participation and updates to reject."""
+
+    min_train_sites: int  # k: a round completes when at least k sites' updates count
+    max_update_norm: float  # an update with a larger L2 norm is rejected; 0 = no bound
+    evaluate_every: int  # federated evaluation every N rounds (and always the last)
+
+    def __post_init__(self) -> None:
+        if not self.max_update_norm >= 0:
+            raise ConfigError(f"max-update-norm must be >= 0 (0 = no bound), got "
+                              f"{self.max_update_norm}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs, on both sides."""
 
@@ -131,6 +181,7 @@ class RunConfig:
     labels: tuple[str, ...]  # cxr-classify: labels.csv columns, one sigmoid output each
     threshold: float  # operating point for sensitivity/specificity and binary masks
     init_weights: str  # a local state-dict file the server starts from; "" = random init
+    resume_from: str  # a run id whose last checkpoint this run continues; "" = a new run
     foreground: tuple[int, ...]  # volume-seg: label-map values that count as foreground
     num_rounds: int
     min_sites: int
@@ -145,6 +196,8 @@ class RunConfig:
     seed: int
     round_timeout: float
     update_dtype: UpdateDType
+    strategy: StrategyConfig
+    faults: FaultConfig
     dp: DPConfig
     central_dp: CentralDPConfig
     secagg: SecAggConfig
@@ -167,6 +220,7 @@ class RunConfig:
             labels=get.names("labels"),
             threshold=get.number("threshold"),
             init_weights=get.text("init-weights"),
+            resume_from=get.text("resume-from"),
             foreground=get.integers("foreground"),
             num_rounds=get.integer("num-rounds", minimum=1),
             min_sites=get.integer("min-sites", minimum=1),
@@ -181,6 +235,18 @@ class RunConfig:
             seed=get.integer("seed", minimum=0),
             round_timeout=get.positive("round-timeout"),
             update_dtype=get.choice("update-dtype", UpdateDType),
+            strategy=StrategyConfig(
+                name=get.choice("strategy", Strategy),
+                proximal_mu=get.number("proximal-mu"),
+                server_learning_rate=get.number("server-learning-rate"),
+                trim_fraction=get.number("trim-fraction"),
+                krum_byzantine=get.integer("krum-byzantine", minimum=0),
+            ),
+            faults=FaultConfig(
+                min_train_sites=get.integer("min-train-sites", minimum=1),
+                max_update_norm=get.number("max-update-norm"),
+                evaluate_every=get.integer("evaluate-every", minimum=1),
+            ),
             dp=DPConfig(
                 enabled=get.boolean("dp-enabled"),
                 target_epsilon=get.number("dp-target-epsilon"),
@@ -222,6 +288,7 @@ class RunConfig:
             raise ConfigError(
                 f"update-dtype={config.update_dtype.value} has no effect under SecAgg+ (its "
                 "masked vectors are integers); keep float32, or set secagg-enabled=false")
+        _check_strategy(config)
         if config.secagg.enabled and config.min_sites < config.secagg.min_sites:
             if not config.secagg.allow_fewer_sites:
                 raise ConfigError(
@@ -230,6 +297,11 @@ class RunConfig:
                     "Raise min-sites, or set secagg-allow-fewer-sites=true to accept this."
                 )
         return config
+
+    def should_evaluate(self, server_round: int) -> bool:
+        """Federated evaluation every `evaluate-every` rounds, and after the last."""
+        return server_round % self.faults.evaluate_every == 0 or \
+            server_round == self.num_rounds
 
     def to_mapping(self) -> dict[str, Any]:
         """The flat form (for the run folder and `--run-config`)."""
@@ -246,6 +318,38 @@ class RunConfig:
         return out
 
 
+def _check_strategy(config: RunConfig) -> None:
+    """Combinations that would silently protect or aggregate less than asked."""
+    name = config.strategy.name
+    if config.faults.min_train_sites > config.min_sites:
+        raise ConfigError(f"min-train-sites ({config.faults.min_train_sites}) must be <= "
+                          f"min-sites ({config.min_sites}): a round cannot wait for more "
+                          "sites than the run starts with")
+    if name.needs_individual_updates and config.secagg.enabled:
+        raise ConfigError(
+            f"strategy={name.value} needs each site's own update, which SecAgg+ hides from "
+            "the server; use fedavg, fedprox or fedadam, or set secagg-enabled=false and "
+            "accept that the server sees individual updates")
+    if name.needs_individual_updates and config.central_dp.enabled:
+        raise ConfigError(
+            f"strategy={name.value} does not average, so central DP's noise (calibrated for a "
+            "mean) would not cover it; use fedavg, fedprox or fedadam with central-dp-enabled")
+    if config.faults.max_update_norm > 0 and config.secagg.enabled:
+        raise ConfigError(
+            "max-update-norm needs each site's own update, which SecAgg+ hides (SecAgg+ "
+            "bounds updates with secagg-clipping-range instead); set max-update-norm = 0 "
+            "or secagg-enabled=false")
+    if name is Strategy.KRUM:
+        # Krum scores an update by its n-f-2 nearest others: at least one must remain.
+        # (Its worst-case guarantee of Blanchard et al. needs n >= 2f+3.)
+        needed = config.strategy.krum_byzantine + 3
+        if config.faults.min_train_sites < needed:
+            raise ConfigError(
+                f"krum with krum-byzantine={config.strategy.krum_byzantine} needs at least "
+                f"{needed} updates per round (f+3); raise min-train-sites to {needed} or "
+                "lower krum-byzantine")
+
+
 # Flat key -> attribute path. Adding a setting means adding it here and above.
 _FLAT: dict[str, tuple[str, ...]] = {
     "task": ("task",),
@@ -253,6 +357,7 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "labels": ("labels",),
     "threshold": ("threshold",),
     "init-weights": ("init_weights",),
+    "resume-from": ("resume_from",),
     "foreground": ("foreground",),
     "num-rounds": ("num_rounds",),
     "min-sites": ("min_sites",),
@@ -267,6 +372,14 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "seed": ("seed",),
     "round-timeout": ("round_timeout",),
     "update-dtype": ("update_dtype",),
+    "strategy": ("strategy", "name"),
+    "proximal-mu": ("strategy", "proximal_mu"),
+    "server-learning-rate": ("strategy", "server_learning_rate"),
+    "trim-fraction": ("strategy", "trim_fraction"),
+    "krum-byzantine": ("strategy", "krum_byzantine"),
+    "min-train-sites": ("faults", "min_train_sites"),
+    "max-update-norm": ("faults", "max_update_norm"),
+    "evaluate-every": ("faults", "evaluate_every"),
     "dp-enabled": ("dp", "enabled"),
     "dp-target-epsilon": ("dp", "target_epsilon"),
     "dp-delta": ("dp", "delta"),
@@ -289,6 +402,7 @@ _DEFAULTS: dict[str, Any] = {
     "labels": "label_covid,label_no_finding",
     "threshold": 0.5,
     "init-weights": "",
+    "resume-from": "",
     "foreground": "1",
     "num-rounds": 3,
     "min-sites": 3,
@@ -303,6 +417,14 @@ _DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "round-timeout": 900.0,
     "update-dtype": "float32",
+    "strategy": "fedavg",
+    "proximal-mu": 0.01,
+    "server-learning-rate": 0.01,
+    "trim-fraction": 0.2,
+    "krum-byzantine": 1,
+    "min-train-sites": 2,
+    "max-update-norm": 0.0,
+    "evaluate-every": 1,
     "dp-enabled": True,
     "dp-target-epsilon": 8.0,
     "dp-delta": "auto",

@@ -120,7 +120,8 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
         sites = write_consortium(out / "data", patients=patients, images_per_patient=2)
     else:
         sites = discover_sites(data)
-    values = load_run_config(config_file, {"min-sites": len(sites), **overrides})
+    values = load_run_config(config_file, {"min-sites": len(sites),
+                                           "min-train-sites": min(2, len(sites)), **overrides})
     run_config_file = out / "run-config.toml"
     run_config_file.parent.mkdir(parents=True, exist_ok=True)
     run_config_file.write_text(_toml(values))

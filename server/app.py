@@ -6,9 +6,11 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -19,7 +21,6 @@ from common.config import RunConfig
 from common.model_signing import SIGNING_KEY_ENV, load_signing_key, sign_model
 from common.models import build_model, load_pretrained
 from common.weights import (
-    add,
     check_finite,
     from_arrays,
     global_norm,
@@ -28,6 +29,7 @@ from common.weights import (
     to_arrays,
     unpack,
 )
+from server.aggregation import Aggregator, SiteUpdate, screen_update
 from server.central_dp import CentralDP
 from server.polling_grid import PollingGrid
 from server.registry import RoundRecord, RunFolder, SiteRound, registered_sites, server_home
@@ -94,41 +96,130 @@ def _signing_key() -> Ed25519PrivateKey:
     return load_signing_key(Path(path))
 
 
+@dataclass
+class _RunState:
+    """What the round loop carries from one round to the next."""
+
+    run: RunFolder
+    first_round: int
+    global_arrays: list[np.ndarray]
+
+
+def _start_or_resume(context: Context, config: RunConfig, layout: list[np.ndarray],
+                     aggregator: Aggregator, central: CentralDP | None) -> _RunState:
+    """A new run folder, or (resume-from) the old one at its last checkpoint."""
+    flat = config.to_mapping()
+    if not config.resume_from:
+        run = RunFolder.create(server_home(), context.run_id, flat)
+        return _RunState(run, 1, pack(layout))
+    run = RunFolder.open(server_home(), config.resume_from)
+    before = {k: v for k, v in run.read_json("config.json").items() if k != "resume-from"}
+    now = {k: v for k, v in flat.items() if k != "resume-from"}
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        raise RunAborted(f"resume-from={config.resume_from}: the config differs from the "
+                         f"run's own config.json in {changed}; resume with the same config "
+                         "(fedrad run resume does) or start a new run")
+    last = run.last_round()
+    if last == 0:
+        raise RunAborted(f"run {config.resume_from} has no checkpoint to resume from")
+    state = run.load_checkpoint(last)
+    server_state = {k: v.numpy() for k, v in run.load_server_state(last).items()}
+    if central is not None:
+        central.rounds = int(server_state.pop("central-dp-releases", np.zeros(1))[0])
+    aggregator.load_state(server_state)
+    run.drop_rounds_after(last)
+    run.resumed_by(context.run_id, last)
+    LOG.info("run %s resumes run %s after round %d", context.run_id, run.run_id, last)
+    template_arrays = to_arrays(state)
+    return _RunState(run, last + 1, pack(template_arrays))
+
+
+def _screened(run: RunFolder, server_round: int, train: Replies,
+              global_arrays: list[np.ndarray], config: RunConfig) -> list[SiteUpdate]:
+    """The updates that may be aggregated; the others get a rejected-* status."""
+    accepted = []
+    for update in train.updates:
+        reason = screen_update(update, global_arrays, config.faults.max_update_norm)
+        if reason is None:
+            accepted.append(update)
+            continue
+        train.statuses[update.node_id] = reason
+        run.audit.append("update-rejected", run_id=run.run_id, round=server_round,
+                         node_id=update.node_id, reason=reason)
+        LOG.warning("round %d: update of node %d rejected (%s)", server_round,
+                    update.node_id, reason)
+    return accepted
+
+
+def _mean(updates: list[SiteUpdate]) -> list[np.ndarray]:
+    weights = [u.weight for u in updates]
+    return [np.average(np.stack(layer), axis=0, weights=weights).astype(np.float32)
+            for layer in zip(*(u.arrays for u in updates), strict=True)]
+
+
+def _contributions(run: RunFolder, server_round: int, train: Replies,
+                   global_arrays: list[np.ndarray], config: RunConfig,
+                   central: CentralDP | None) -> tuple[list[SiteUpdate], int]:
+    """What the strategy aggregates, and how many sites' updates it holds."""
+    if config.secagg.enabled:
+        counted = sum(1 for s in train.statuses.values() if s == keys.STATUS_OK)
+        updates = [] if train.update is None else [SiteUpdate(0, train.update, 1.0)]
+    else:
+        updates = _screened(run, server_round, train, global_arrays, config)
+        counted = len(updates)
+    if updates and central is not None:  # noise on the mean of the clipped updates
+        mean = train.update if config.secagg.enabled else _mean(updates)
+        assert mean is not None
+        check_finite(mean)
+        central.privatise(mean, counted)
+        LOG.info("round %d: central DP noise std %.4g over %d sites, ε %.3f (δ %g)",
+                 server_round, central.noise_std(counted), counted, central.epsilon(),
+                 config.central_dp.delta)
+        updates = [SiteUpdate(0, mean, 1.0)]
+    return updates, counted
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run `num-rounds` rounds of DP training with SecAgg+ and per-site evaluation."""
+    """Run `num-rounds` rounds: DP training at the sites, SecAgg+ or screened updates,
+    the run's strategy, k-of-n participation, evaluation every N rounds, checkpoints."""
     _configure_logging()
     grid = PollingGrid(grid)
     config = RunConfig.from_mapping(context.run_config)
-    run = RunFolder.create(server_home(), context.run_id, config.to_mapping())
-    LOG.info(
-        "run %s: task=%s rounds=%d min-sites=%d dp=%s secagg=%s folder=%s",
-        context.run_id, config.task.value, config.num_rounds, config.min_sites,
-        config.dp.enabled, config.secagg.enabled, run.root,
-    )
-    if not config.secagg.enabled:
-        LOG.warning("SecAgg+ is OFF: the server sees each site's individual update")
-    if not config.dp.enabled:
-        LOG.warning("differential privacy is OFF for this run")
     model = build_model(config)
     if config.init_weights:
         load_pretrained(model, Path(config.init_weights).expanduser())
         LOG.info("initial weights from %s", config.init_weights)
     template = plain_state_dict(model)
-    central = CentralDP(config.central_dp) if config.central_dp.enabled else None
-    signer = _signing_key()
     layout = to_arrays(template)
-    global_arrays = pack(layout)  # the wire form: one vector (common.weights)
+    central = CentralDP(config.central_dp) if config.central_dp.enabled else None
+    aggregator = Aggregator(config)
+    signer = _signing_key()
+    state = _start_or_resume(context, config, layout, aggregator, central)
+    run, global_arrays = state.run, state.global_arrays
+    LOG.info(
+        "run %s: task=%s strategy=%s rounds=%d-%d min-sites=%d k=%d dp=%s secagg=%s "
+        "folder=%s", context.run_id, config.task.value, config.strategy.name.value,
+        state.first_round, config.num_rounds, config.min_sites,
+        config.faults.min_train_sites, config.dp.enabled, config.secagg.enabled, run.root,
+    )
+    if not config.secagg.enabled:
+        LOG.warning("SecAgg+ is OFF: the server sees each site's individual update")
+    if not config.dp.enabled:
+        LOG.warning("differential privacy is OFF for this run")
     registered = registered_sites()  # node id → site, from the node keys the server holds
     names: dict[int, str] = dict(registered)
+    k = config.faults.min_train_sites
     try:
-        wait_for_nodes(grid, config.min_sites, config.round_timeout)
-        for server_round in range(1, config.num_rounds + 1):
+        if state.first_round == 1:
+            wait_for_nodes(grid, config.min_sites, config.round_timeout)
+        for server_round in range(state.first_round, config.num_rounds + 1):
             start = time.perf_counter()
             if not config.dp.enabled:
                 LOG.warning("round %d: differential privacy is OFF (dp-enabled=false)",
                             server_round)
-            node_ids = wait_for_nodes(grid, config.min_sites, config.round_timeout)
+            node_ids = wait_for_nodes(grid, k, config.round_timeout)  # whoever is online
             run.audit.append("global-model-sent", run_id=run.run_id, round=server_round,
                              nodes=len(node_ids), bytes=sum(a.nbytes for a in global_arrays),
                              sha256=digest(b"".join(a.tobytes() for a in global_arrays)))
@@ -137,35 +228,35 @@ def main(grid: Grid, context: Context) -> None:
                                 signature=sign_model(signer, global_arrays, context.run_id,
                                                      server_round, "train"))
             names.update({n: s for n, s in train.site_ids.items() if n not in registered})
-            if train.update is None:  # recorded (who refused, who dropped), then stop
+            updates, counted = _contributions(run, server_round, train, global_arrays,
+                                              config, central)
+            if not updates or counted < k:  # recorded (who refused, who dropped), then stop
                 run.record_round(RoundRecord(
                     server_round=server_round, wall_seconds=time.perf_counter() - start,
-                    slowest_site_seconds=0.0, sites_expected=len(node_ids), sites_trained=0,
-                    secagg=config.secagg.enabled, update_norm=0.0,
+                    slowest_site_seconds=0.0, sites_expected=len(node_ids),
+                    sites_trained=counted, secagg=config.secagg.enabled, update_norm=0.0,
                     score_metric=keys.headline_metric(config.task), pooled_score=float("nan"),
                     sites=_site_rounds(train, Replies(), names),
                     failures=sorted(s for s in train.statuses.values() if s != "ok"),
                 ))
-                raise RunAborted(f"round {server_round}: no aggregate (sites: {train.statuses})")
-            check_finite(train.update)
-            if central is not None:
-                contributors = sum(1 for s in train.statuses.values() if s == keys.STATUS_OK)
-                central.privatise(train.update, contributors)
-                LOG.info("round %d: central DP noise std %.4g over %d sites, ε %.3f "
-                         "(δ %g)", server_round, central.noise_std(contributors),
-                         contributors, central.epsilon(), config.central_dp.delta)
-            global_arrays = add(global_arrays, train.update)
-            global_arrays = [np.asarray(a, dtype=np.float32) for a in global_arrays]
-            evaluation = evaluate_round(grid, config, server_round=server_round,
-                                        global_arrays=global_arrays, node_ids=node_ids,
-                                        signature=sign_model(signer, global_arrays,
-                                                             context.run_id, server_round,
-                                                             "evaluate"))
+                raise RunAborted(f"round {server_round}: {counted} site update(s) counted, "
+                                 f"fewer than min-train-sites={k} (sites: {train.statuses})")
+            new_global = aggregator.next_global(server_round, global_arrays, updates)
+            check_finite(new_global)
+            step = [n - g for n, g in zip(new_global, global_arrays, strict=True)]
+            global_arrays = new_global
+            evaluation = Replies()
+            if config.should_evaluate(server_round):
+                evaluation = evaluate_round(
+                    grid, config, server_round=server_round, global_arrays=global_arrays,
+                    node_ids=node_ids, signature=sign_model(signer, global_arrays,
+                                                            context.run_id, server_round,
+                                                            "evaluate"))
             names.update({n: s for n, s in evaluation.site_ids.items() if n not in registered})
             wall = time.perf_counter() - start
             slowest = max(
                 (m.get("load-seconds", 0.0) + m.get("train-seconds", 0.0)
-                 for m in train.metrics.values()),
+                 for n, m in train.metrics.items() if train.statuses.get(n) == "ok"),
                 default=0.0,
             )
             record = RoundRecord(
@@ -173,9 +264,9 @@ def main(grid: Grid, context: Context) -> None:
                 wall_seconds=wall,
                 slowest_site_seconds=slowest,
                 sites_expected=len(node_ids),
-                sites_trained=len(train.metrics),
+                sites_trained=counted,
                 secagg=config.secagg.enabled,
-                update_norm=global_norm(train.update),
+                update_norm=global_norm(step),
                 score_metric=keys.headline_metric(config.task),
                 pooled_score=_pooled(evaluation, keys.headline_metric(config.task)),
                 central_epsilon=central.epsilon() if central is not None else None,
@@ -185,9 +276,18 @@ def main(grid: Grid, context: Context) -> None:
             run.record_round(record)
             run.save_checkpoint(server_round,
                                 from_arrays(template, unpack(global_arrays, layout)))
-            LOG.info("round %d/%d: %d/%d sites, pooled %s %.3f, wall %.1fs, slowest site %.1fs",
-                     server_round, config.num_rounds, record.sites_trained, len(node_ids),
-                     record.score_metric, record.pooled_score, wall, slowest)
+            server_state = {key: torch.from_numpy(np.ascontiguousarray(value))
+                            for key, value in aggregator.state().items()}
+            if central is not None:
+                server_state["central-dp-releases"] = torch.tensor([central.rounds])
+            run.save_server_state(server_round, server_state)
+            failed = {names.get(n, f"node-{n}"): s for n, s in train.statuses.items()
+                      if s != keys.STATUS_OK}
+            LOG.info("round %d/%d: %d/%d sites counted%s, pooled %s %.3f, ε %s, wall %.1fs, "
+                     "slowest site %.1fs", server_round, config.num_rounds, counted,
+                     len(node_ids), f" (not counted: {failed})" if failed else "",
+                     record.score_metric, record.pooled_score, _epsilons(record),
+                     wall, slowest)
         run.finish("completed")
     except Exception:
         run.finish("failed")
@@ -195,3 +295,9 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         report = write_report(run)
         LOG.info("report: %s", report)
+
+
+def _epsilons(record: RoundRecord) -> str:
+    spent = {s: round(v.train["epsilon-total"], 2) for s, v in record.sites.items()
+             if "epsilon-total" in v.train}
+    return str(spent) if spent else "DP off"

@@ -35,6 +35,10 @@ from server.checkpoints import (
 SERVER_HOME_ENV = "FEDRAD_SERVER_HOME"
 
 
+class RunFolderError(LookupError):
+    """A run folder that does not exist or cannot be used as asked."""
+
+
 def server_home() -> Path:
     """Where the server keeps runs: $FEDRAD_SERVER_HOME, else ./fedrad-server."""
     return Path(os.environ.get(SERVER_HOME_ENV, "fedrad-server")).resolve()
@@ -100,6 +104,39 @@ class RunFolder:
         self._writer: Any = None
 
     @classmethod
+    def open(cls, home: Path, run_id: str) -> RunFolder:
+        """An existing run's folder; RunFolderError naming the folder when there is none."""
+        folder = cls(home / "runs" / str(run_id))
+        if not (folder.root / "registry.json").exists():
+            known = sorted(p.name for p in (home / "runs").glob("*") if p.is_dir()) \
+                if (home / "runs").exists() else []
+            raise RunFolderError(f"no run {run_id} in {home / 'runs'} (runs there: "
+                                 f"{', '.join(known) or 'none'})")
+        return folder
+
+    def last_round(self) -> int:
+        """The last round whose checkpoint was saved (0: none yet)."""
+        return max((int(r) for r in self.read_json("registry.json")["checkpoints"]), default=0)
+
+    def drop_rounds_after(self, server_round: int) -> None:
+        """Forget rounds recorded after `server_round` (a round cut short by a crash had
+        its metrics written but no checkpoint); a resumed run records them again."""
+        kept = [row for row in self.rounds() if row["server_round"] <= server_round]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def resumed_by(self, flwr_run_id: int, from_round: int) -> None:
+        """Record that Flower run `flwr_run_id` continues this run after `from_round`."""
+        registry = self.read_json("registry.json")
+        registry["status"] = "running"
+        registry.setdefault("resumed", []).append({"flwr_run_id": str(flwr_run_id),
+                                                   "after_round": from_round})
+        _write_json(self.root / "registry.json", registry)
+        self.audit.append("run-resumed", run_id=self.run_id, flwr_run_id=str(flwr_run_id),
+                          after_round=from_round)
+
+    @classmethod
     def create(cls, home: Path, run_id: int, flat_config: dict[str, Any]) -> RunFolder:
         folder = cls(home / "runs" / str(run_id))
         folder.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -159,6 +196,32 @@ class RunFolder:
         self.audit.append("checkpoint-saved", run_id=self.run_id, round=server_round,
                           file=path.name, sha256=sha, bytes=len(data))
         return sha
+
+    def save_server_state(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
+        """The strategy's and central DP's state after a round (encrypted like the model),
+        so that a resumed run continues exactly where this one stopped."""
+        key = load_or_create_key(key_path(self.root.parent.parent))
+        data = encrypt_state(OrderedDict(state), key, f"{self.run_id}/server-state",
+                             server_round)
+        path = self.checkpoints / f"round-{server_round:03d}.state.enc"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        registry = self.read_json("registry.json")
+        registry["checkpoints"][str(server_round)]["server_state"] = {
+            "file": path.name, "sha256": hashlib.sha256(data).hexdigest()}
+        _write_json(self.root / "registry.json", registry)
+
+    def load_server_state(self, server_round: int) -> dict[str, torch.Tensor]:
+        entry = self.read_json("registry.json")["checkpoints"][str(server_round)]
+        if "server_state" not in entry:
+            return {}
+        data = (self.checkpoints / entry["server_state"]["file"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["server_state"]["sha256"]:
+            raise CheckpointError(f"run {self.run_id} round {server_round}: server state "
+                                  "file differs from the hash in registry.json")
+        key = read_key(key_path(self.root.parent.parent))
+        return dict(decrypt_state(data, key, f"{self.run_id}/server-state", server_round))
 
     def load_checkpoint(self, server_round: int) -> OrderedDict[str, torch.Tensor]:
         """The decrypted state dict, after checking the file against the registry's hash."""

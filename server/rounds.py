@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from common import keys
 from common.config import RunConfig
 from common.secagg import run_secagg_round
+from server.aggregation import REJECTED_MALFORMED, SiteUpdate
 from server.polling_grid import PollingGrid
 
 LOG = logging.getLogger("fedrad.server")
@@ -30,7 +31,8 @@ class Replies:
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     site_ids: dict[int, str] = field(default_factory=dict)
     statuses: dict[int, str] = field(default_factory=dict)
-    update: list[np.ndarray] | None = None
+    update: list[np.ndarray] | None = None  # SecAgg+: the mean update, all the server sees
+    updates: list[SiteUpdate] = field(default_factory=list)  # without: each site's own
 
 
 def _status_of_error(code: int) -> str:
@@ -59,8 +61,13 @@ def _collect(replies: list[Message], out: Replies, node_ids: list[int]) -> None:
         if reply.has_error():
             out.statuses[node] = _status_of_error(reply.error.code)
             continue
-        out.metrics[node] = _numbers(reply.content.metric_records[keys.METRICS])
-        out.site_ids[node] = str(reply.content.config_records[keys.SITE][keys.SITE_ID])
+        try:
+            metrics = _numbers(reply.content.metric_records[keys.METRICS])
+            site_id = str(reply.content.config_records[keys.SITE][keys.SITE_ID])
+        except (KeyError, TypeError, ValueError):  # not what a fedrad site sends
+            out.statuses[node] = REJECTED_MALFORMED
+            continue
+        out.metrics[node], out.site_ids[node] = metrics, site_id
         out.statuses[node] = keys.STATUS_OK
 
 
@@ -95,21 +102,17 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
     ]
     replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
     _collect(replies, out, node_ids)
-    updates, weights = [], []
     for reply in replies:
-        if not reply.has_error():
-            updates.append([np.asarray(a, dtype=np.float32) for a in  # float16 travels too
-                            reply.content.array_records[keys.UPDATE].to_numpy_ndarrays()])
-            weights.append(out.metrics[reply.metadata.src_node_id][keys.NUM_EXAMPLES])
+        node = reply.metadata.src_node_id
+        if node in out.metrics and not reply.has_error():
+            records = reply.content.array_records
+            arrays = ([np.asarray(a, dtype=np.float32) for a in  # float16 travels too
+                       records[keys.UPDATE].to_numpy_ndarrays()]
+                      if keys.UPDATE in records else [])
+            out.updates.append(SiteUpdate(node, arrays,
+                                          out.metrics[node].get(keys.NUM_EXAMPLES, 0.0)))
     for node in node_ids:
         out.statuses.setdefault(node, "no-reply")
-    if updates:
-        if config.central_dp.enabled:  # site-level DP: clipped updates, uniform weights
-            weights = [1.0] * len(updates)
-        out.update = [
-            np.average(np.stack(layer), axis=0, weights=weights).astype(np.float32)
-            for layer in zip(*updates, strict=True)
-        ]
     return out
 
 

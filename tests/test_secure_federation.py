@@ -123,7 +123,8 @@ def _submit(home: ServerHome, app: str, config: Path) -> str:
 def test_the_site_runs_only_code_the_consortium_signed(federation, tmp_path) -> None:
     home, work, consortium = federation["home"], federation["work"], federation["consortium"]
     values = load_run_config(CONFIGS / "demo.toml", {
-        "num-rounds": 1, "min-sites": 1, "secagg-enabled": False, "image-size": 32,
+        "num-rounds": 1, "min-sites": 1, "min-train-sites": 1, "secagg-enabled": False,
+        "image-size": 32,
         "local-epochs": 1, "round-timeout": 120.0})
     config = tmp_path / "run.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))

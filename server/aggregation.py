@@ -1,0 +1,146 @@
+"""How a round's updates become the next global model: Flower's Message-API strategies.
+
+fedrad does not reimplement FedAvg, FedProx, FedAdam, FedMedian, FedTrimmedAvg or Krum:
+`Aggregator` hands the sites' models (global + update, in the packed wire form of
+common.weights) to the matching `flwr.serverapp.strategy` class and reads its result.
+Under SecAgg+ (or central DP) the server holds only the mean update; the strategy then
+sees that one mean as a single reply, which is FedAvg's, FedProx's and FedAdam's input.
+
+Before aggregation every individual update is screened (`screen_update`): not finite, the
+wrong shape, a non-positive weight or a norm beyond `max-update-norm` is rejected with a
+fixed status word, and the round goes on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+)
+
+from common import keys
+from common.config import RunConfig, Strategy
+
+LOG = logging.getLogger("fedrad.server")
+_ARRAYS = "arrays"  # record names of the replies handed to the strategy
+_METRICS = "metrics"
+
+# Status words of a rejected update (recorded per site and round; never the values).
+REJECTED_NOT_FINITE = "rejected-not-finite"
+REJECTED_SHAPE = "rejected-shape"
+REJECTED_NORM = "rejected-norm"
+REJECTED_WEIGHT = "rejected-weight"
+REJECTED_MALFORMED = "rejected-malformed"  # a reply without the records a site sends
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """One site's update (local - global) in the packed wire form, and its weight."""
+
+    node_id: int
+    arrays: list[np.ndarray]
+    weight: float
+
+
+def screen_update(update: SiteUpdate, layout: list[np.ndarray], max_norm: float) -> str | None:
+    """None when the update may be aggregated, else the status word saying why not."""
+    if len(update.arrays) != len(layout) or any(
+            a.shape != b.shape for a, b in zip(update.arrays, layout, strict=False)):
+        return REJECTED_SHAPE
+    if not all(np.isfinite(a).all() for a in update.arrays):
+        return REJECTED_NOT_FINITE
+    if not (np.isfinite(update.weight) and update.weight > 0):
+        return REJECTED_WEIGHT
+    if max_norm > 0:
+        norm = float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64)))
+                                 for a in update.arrays)))
+        if norm > max_norm:
+            return REJECTED_NORM
+    return None
+
+
+def build_strategy(config: RunConfig) -> FedAvg:
+    """The Flower strategy named by the run config (sampling is fedrad's, not its)."""
+    common = {"weighted_by_key": keys.NUM_EXAMPLES, "arrayrecord_key": _ARRAYS,
+              "min_train_nodes": config.faults.min_train_sites,
+              "train_metrics_aggr_fn": _no_metrics}
+    settings = config.strategy
+    name = settings.name
+    if name is Strategy.FEDAVG:
+        return FedAvg(**common)  # type: ignore[arg-type]
+    if name is Strategy.FEDPROX:
+        return FedProx(**common, proximal_mu=settings.proximal_mu)  # type: ignore[arg-type]
+    if name is Strategy.FEDADAM:
+        return FedAdam(**common, eta=settings.server_learning_rate)  # type: ignore[arg-type]
+    if name is Strategy.FEDMEDIAN:
+        return FedMedian(**common)  # type: ignore[arg-type]
+    if name is Strategy.FEDTRIMMEDAVG:
+        return FedTrimmedAvg(**common, beta=settings.trim_fraction)  # type: ignore[arg-type]
+    return Krum(**common, num_malicious_nodes=settings.krum_byzantine)  # type: ignore[arg-type]
+
+
+def _no_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Site metrics are kept per site by the ServerApp, not averaged by the strategy."""
+    return MetricRecord()
+
+
+def _record(arrays: list[np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({str(i): Array(np.asarray(a, dtype=np.float32))
+                        for i, a in enumerate(arrays)})
+
+
+class Aggregator:
+    """One run's strategy, with the state it carries between rounds (FedAdam's moments)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.strategy = build_strategy(config)
+
+    def next_global(self, server_round: int, global_arrays: list[np.ndarray],
+                    updates: list[SiteUpdate]) -> list[np.ndarray]:
+        """The strategy's new global model from the screened updates (or one mean)."""
+        if not updates:
+            raise ValueError("no update to aggregate")
+        replies = [
+            Message(RecordDict({
+                _ARRAYS: _record([g + u for g, u in zip(global_arrays, update.arrays,
+                                                        strict=True)]),
+                _METRICS: MetricRecord({keys.NUM_EXAMPLES: float(update.weight)}),
+            }), dst_node_id=update.node_id, message_type=MessageType.TRAIN)
+            for update in updates
+        ]
+        if isinstance(self.strategy, FedAdam):  # what its configure_train would record
+            self.strategy.current_arrays = {str(i): np.asarray(a, dtype=np.float32)
+                                            for i, a in enumerate(global_arrays)}
+        arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            raise ValueError(f"strategy {self.config.strategy.name.value} gave no model")
+        out = [np.asarray(arrays[str(i)].numpy(), dtype=np.float32)
+               for i in range(len(global_arrays))]
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What must survive a restart for the next round to equal an unbroken run's."""
+        out: dict[str, np.ndarray] = {}
+        if isinstance(self.strategy, FedAdam):
+            for name in ("m_t", "v_t"):
+                moments = getattr(self.strategy, name)
+                for key, value in (moments or {}).items():
+                    out[f"{name}.{key}"] = np.asarray(value)
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        if isinstance(self.strategy, FedAdam):
+            for name in ("m_t", "v_t"):
+                moments = {key.split(".", 1)[1]: value for key, value in state.items()
+                           if key.startswith(name + ".")}
+                setattr(self.strategy, name, moments or None)

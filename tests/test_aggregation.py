@@ -1,0 +1,118 @@
+"""Strategies from config (Flower's, wrapped) and the screening of individual updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError, RunConfig
+from server.aggregation import (
+    REJECTED_NORM,
+    REJECTED_NOT_FINITE,
+    REJECTED_SHAPE,
+    REJECTED_WEIGHT,
+    Aggregator,
+    SiteUpdate,
+    screen_update,
+)
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # Messages are made here
+PLAIN = {"secagg-enabled": False, "min-sites": 4, "min-train-sites": 4}
+GLOBAL = [np.linspace(-1, 1, 12, dtype=np.float32)]
+
+
+def _updates(seed: int = 0, hostile: float | None = None) -> list[SiteUpdate]:
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 0.01, 12).astype(np.float32)
+    out = [SiteUpdate(n, [base + rng.normal(0, 0.001, 12).astype(np.float32)], w)
+           for n, w in zip((1, 2, 3, 4), (10.0, 20.0, 30.0, 40.0), strict=True)]
+    if hostile is not None:
+        out[3] = SiteUpdate(4, [out[3].arrays[0] * hostile], 40.0)
+    return out
+
+
+def _aggregate(config: dict, updates: list[SiteUpdate], server_round: int = 1) -> np.ndarray:
+    aggregator = Aggregator(RunConfig.from_mapping({**PLAIN, **config}))
+    return aggregator.next_global(server_round, GLOBAL, updates)[0]
+
+
+def test_fedavg_and_fedprox_are_the_example_weighted_mean() -> None:
+    updates = _updates()
+    expected = GLOBAL[0] + np.average([u.arrays[0] for u in updates], axis=0,
+                                      weights=[u.weight for u in updates])
+    for name in ("fedavg", "fedprox"):
+        np.testing.assert_allclose(_aggregate({"strategy": name}, updates), expected,
+                                   atol=1e-6)
+
+
+def test_fedmedian_and_trimmed_mean_follow_their_definitions() -> None:
+    updates = _updates(hostile=100.0)
+    models = np.stack([GLOBAL[0] + u.arrays[0] for u in updates])
+    np.testing.assert_allclose(_aggregate({"strategy": "fedmedian"}, updates),
+                               np.median(models, axis=0), atol=1e-6)
+    trimmed = np.sort(models, axis=0)[1:3].mean(axis=0)  # 25 % cut at each end of 4
+    np.testing.assert_allclose(
+        _aggregate({"strategy": "fedtrimmedavg", "trim-fraction": 0.25}, updates), trimmed,
+        atol=1e-6)
+
+
+def test_krum_picks_an_honest_update_and_fedavg_is_dragged_by_a_scaled_one() -> None:
+    updates = _updates(hostile=100.0)
+    honest = [GLOBAL[0] + u.arrays[0] for u in updates[:3]]
+    chosen = _aggregate({"strategy": "krum", "krum-byzantine": 1}, updates)
+    assert any(np.allclose(chosen, h, atol=1e-6) for h in honest)
+    dragged = _aggregate({"strategy": "fedavg"}, updates)
+    assert np.linalg.norm(dragged - GLOBAL[0]) > 10 * np.linalg.norm(chosen - GLOBAL[0])
+
+
+def test_fedadam_state_saved_after_round_two_gives_round_three_exactly() -> None:
+    config = RunConfig.from_mapping({**PLAIN, "strategy": "fedadam",
+                                     "server-learning-rate": 0.05})
+    unbroken, weights = Aggregator(config), list(GLOBAL)
+    for server_round in (1, 2):
+        weights = unbroken.next_global(server_round, weights, _updates(server_round))
+    resumed = Aggregator(config)
+    resumed.load_state(unbroken.state())
+    after_unbroken = unbroken.next_global(3, weights, _updates(3))[0]
+    after_resumed = resumed.next_global(3, weights, _updates(3))[0]
+    np.testing.assert_array_equal(after_resumed, after_unbroken)
+    fresh = Aggregator(config).next_global(3, weights, _updates(3))[0]
+    assert not np.allclose(fresh, after_unbroken)  # the moments matter: state is needed
+
+
+@pytest.mark.parametrize(("update", "max_norm", "reason"), [
+    (SiteUpdate(1, [np.full(12, np.nan, np.float32)], 5.0), 0.0, REJECTED_NOT_FINITE),
+    (SiteUpdate(1, [np.full(12, np.inf, np.float32)], 5.0), 0.0, REJECTED_NOT_FINITE),
+    (SiteUpdate(1, [np.zeros(11, np.float32)], 5.0), 0.0, REJECTED_SHAPE),
+    (SiteUpdate(1, [np.zeros(12, np.float32)] * 2, 5.0), 0.0, REJECTED_SHAPE),
+    (SiteUpdate(1, [np.ones(12, np.float32)], 5.0), 3.0, REJECTED_NORM),  # norm 3.46
+    (SiteUpdate(1, [np.ones(12, np.float32)], 0.0), 0.0, REJECTED_WEIGHT),
+    (SiteUpdate(1, [np.ones(12, np.float32)], float("nan")), 0.0, REJECTED_WEIGHT),
+    (SiteUpdate(1, [np.ones(12, np.float32)], 5.0), 3.5, None),
+])
+def test_screening(update: SiteUpdate, max_norm: float, reason: str | None) -> None:
+    assert screen_update(update, GLOBAL, max_norm) == reason
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    ({"strategy": "krum"}, "SecAgg+ hides"),
+    ({"strategy": "fedmedian", "secagg-enabled": False, "central-dp-enabled": True},
+     "central DP"),
+    ({"max-update-norm": 5.0}, "max-update-norm"),
+    ({"strategy": "krum", "secagg-enabled": False, "min-sites": 3, "min-train-sites": 3},
+     "min-train-sites to 4"),
+    ({"min-train-sites": 4}, "min-train-sites (4) must be <= min-sites (3)"),
+    ({"strategy": "fedyogi"}, "strategy must be one of"),
+    ({"trim-fraction": 0.5, "secagg-enabled": False}, "trim-fraction"),
+    ({"evaluate-every": 0}, "evaluate-every must be >= 1"),
+])
+def test_strategy_settings_that_would_protect_or_aggregate_less_are_refused(
+        values: dict, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)")
+                       .replace("+", r"\+")):
+        RunConfig.from_mapping(values)
+
+
+def test_evaluation_every_n_rounds_includes_the_last() -> None:
+    config = RunConfig.from_mapping({"num-rounds": 5, "evaluate-every": 2})
+    assert [r for r in range(1, 6) if config.should_evaluate(r)] == [2, 4, 5]
