@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.networks.blocks.segresnet_block import ResBlock
@@ -32,32 +33,39 @@ class _ResBlockWithoutInplaceAdd(ResBlock):
         return x + identity
 
 
+def architecture(config: RunConfig) -> tuple[type[torch.nn.Module], dict[str, Any]]:
+    """The MONAI network class and its keyword arguments for `config` (JSON-able: a model
+    export describes itself with these, so it loads without fedrad)."""
+    dims = config.task.spatial_dims
+    norm = ["group", {"num_groups": 8}]
+    if config.model is Model.UNET:
+        return UNet, {"spatial_dims": dims, "in_channels": 1, "out_channels": 1,
+                      "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 0,
+                      "norm": norm, "act": ["prelu", {"init": 0.25}]}
+    if config.model is Model.BASIC_UNET:
+        return BasicUNet, {"spatial_dims": dims, "in_channels": 1, "out_channels": 1,
+                           "features": [16, 16, 32, 64, 128, 16], "norm": norm,
+                           "act": ["leakyrelu", {"negative_slope": 0.1, "inplace": False}]}
+    if config.model is Model.SEGRESNET:
+        return SegResNet, {"spatial_dims": dims, "in_channels": 1, "out_channels": 1,
+                           "init_filters": 8, "norm": norm, "act": ["relu", {"inplace": False}]}
+    if config.model is Model.DENSENET121:
+        return DenseNet121, {"spatial_dims": dims, "in_channels": 1,
+                             "out_channels": len(config.labels),
+                             "norm": ["group", {"num_groups": 16}],
+                             "act": ["relu", {"inplace": False}]}
+    raise ModelError(f"no model {config.model}")  # pragma: no cover - a closed enum
+
+
 def build_model(config: RunConfig) -> torch.nn.Module:
     """The network `config.model` for `config.task`, seeded so every party builds the same one."""
     torch.manual_seed(config.seed)
-    dims = config.task.spatial_dims
-    norm = ("group", {"num_groups": 8})
-    model: torch.nn.Module
-    if config.model is Model.UNET:
-        model = UNet(spatial_dims=dims, in_channels=1, out_channels=1,
-                     channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=0,
-                     norm=norm, act=("prelu", {"init": 0.25}))
-    elif config.model is Model.BASIC_UNET:
-        model = BasicUNet(spatial_dims=dims, in_channels=1, out_channels=1,
-                          features=(16, 16, 32, 64, 128, 16), norm=norm,
-                          act=("leakyrelu", {"negative_slope": 0.1, "inplace": False}))
-    elif config.model is Model.SEGRESNET:
-        model = SegResNet(spatial_dims=dims, in_channels=1, out_channels=1, init_filters=8,
-                          norm=norm, act=("relu", {"inplace": False}))
+    network, kwargs = architecture(config)
+    model = network(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    if config.model is Model.SEGRESNET:
         for module in model.modules():
             if type(module) is ResBlock:
                 module.__class__ = _ResBlockWithoutInplaceAdd
-    elif config.model is Model.DENSENET121:
-        model = DenseNet121(spatial_dims=dims, in_channels=1, out_channels=len(config.labels),
-                            norm=("group", {"num_groups": 16}),
-                            act=("relu", {"inplace": False}))
-    else:  # pragma: no cover - Model is a closed enum
-        raise ModelError(f"no model {config.model}")
     check_dp_compatible(model)
     return model
 

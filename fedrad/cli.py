@@ -12,12 +12,16 @@ from typing import Annotated
 
 import typer
 
+from fedrad.cli_runs import models_app, run_app
+
 app = typer.Typer(help="fedrad: federated learning across hospitals.", no_args_is_help=True)
 site_app = typer.Typer(help="Commands for hospital IT running a site.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
 consortium_app = typer.Typer(help="Provision a consortium: CA, keys, startup kits.",
                              no_args_is_help=True)
 app.add_typer(consortium_app, name="consortium")
+app.add_typer(run_app, name="run")
+app.add_typer(models_app, name="models")
 
 
 @consortium_app.command("init")

@@ -11,21 +11,19 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
 from fedrad import processes as proc
 from fedrad.app_registry import sign_app
 from fedrad.consortium import add_site, init_consortium, startup_kit
+from fedrad.runs import follow, load_run_config, rows, submit, toml_text
 from fedrad.server_node import ServerHome
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -49,26 +47,6 @@ class DemoResult:
     server_home: Path  # FEDRAD_SERVER_HOME: SuperLink state, runs, audit log
 
 
-def load_run_config(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Read a configs/*.toml file, apply overrides, and validate (fail before starting)."""
-    with path.open("rb") as handle:
-        values = {**tomllib.load(handle), **overrides}
-    RunConfig.from_mapping(values)
-    return values
-
-
-def _toml(values: dict[str, Any]) -> str:
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, str):
-            lines.append(f"{key} = {json.dumps(value)}")
-        else:
-            lines.append(f"{key} = {value!r}")
-    return "\n".join(lines) + "\n"
-
-
 def discover_sites(data: Path) -> dict[str, Path]:
     """One site per sub-folder of `data` (names lower-cased to valid site ids)."""
     sites = {}
@@ -78,25 +56,6 @@ def discover_sites(data: Path) -> dict[str, Path]:
     if not sites:
         raise DemoFailed(f"{data} has no sub-folders; expected one folder per site")
     return sites
-
-
-def format_round(row: dict[str, Any], total: int) -> str:
-    """One progress line: round, sites, loss, Dice, ε per site, wall vs slowest site."""
-    sites = row["sites"]
-    metric = row["score_metric"]
-    score = ", ".join(f"{s} {v['evaluation'].get(metric, float('nan')):.3f}"
-                      for s, v in sorted(sites.items()))
-    loss = ", ".join(f"{s} {v['train'].get('train-loss', float('nan')):.3f}"
-                     for s, v in sorted(sites.items()))
-    eps = ", ".join(f"{s} {v['train']['epsilon-total']:.2f}"
-                    for s, v in sorted(sites.items()) if "epsilon-total" in v["train"])
-    return (
-        f"round {row['server_round']}/{total} | sites {row['sites_trained']}/"
-        f"{row['sites_expected']} | pooled {row['score_metric']} {row['pooled_score']:.3f}\n"
-        f"    {metric}: {score}\n    train loss: {loss}\n    ε spent: {eps or 'DP off'}\n"
-        f"    wall {row['wall_seconds']:.1f}s vs slowest site {row['slowest_site_seconds']:.1f}s "
-        f"(overhead {row['overhead_seconds']:.1f}s)"
-    )
 
 
 def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict[str, Any],
@@ -124,7 +83,7 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
                                            "min-train-sites": min(2, len(sites)), **overrides})
     run_config_file = out / "run-config.toml"
     run_config_file.parent.mkdir(parents=True, exist_ok=True)
-    run_config_file.write_text(_toml(values))
+    run_config_file.write_text(toml_text(values))
 
     say("provisioning the consortium (CA, SuperLink certificate, node keys, signed app)")
     port = proc.free_port()
@@ -148,7 +107,7 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
             work = out / "sites" / site / "work"
             config = out / "sites" / site / "node-config.toml"
             config.parent.mkdir(parents=True, exist_ok=True)
-            config.write_text(_toml({
+            config.write_text(toml_text({
                 "site-id": site, "data-dir": str(sites[site].resolve()), "work-dir": str(work),
                 "epsilon-budget": (budgets or {}).get(site, SITE_BUDGET), "threads": 1}))
             group.start(f"site-{site}", [*FEDRAD, "site", "start", "--kit", str(kits[site]),
@@ -156,23 +115,26 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
                                          *([] if workers else ["--no-worker"])],
                         log=logs / f"site-{site}.log", cwd=config.parent, env={}, grace=30.0)
         say(f"started {len(sites)} sites (fedrad site start --kit): {', '.join(sites)}")
-        submitted = proc.flwr_json(home.cli_home, "run", signed.spec(), "--run-config",
-                                   str(run_config_file))
-        run_id = str(submitted["run-id"])
-        run_dir = home.root / "runs" / run_id
+        submitted = submit(home, values)
+        run_id, run_dir = submitted.run_id, submitted.run_dir
         say(f"run {run_id} of {signed.spec()} submitted: {values['num-rounds']} rounds, DP "
             f"{'on' if values.get('dp-enabled', True) else 'OFF'}, SecAgg+ "
             f"{'on' if values.get('secagg-enabled', True) else 'OFF'}")
         try:
-            rounds = _follow(home.cli_home, run_id, run_dir, int(values["num-rounds"]),
-                             float(values.get("round-timeout", 900.0)), say,
-                             tick or (lambda _: None), logs)
+            total = int(values["num-rounds"])
+            status = follow(home, submitted, say, seen=0, tick=tick or (lambda _: None),
+                            timeout=float(values.get("round-timeout", 900.0)) * (total + 1))
+            recorded = rows(run_dir)
+            if status != "finished:completed" or len(recorded) != total:
+                raise DemoFailed(
+                    f"run {run_id} ended as {status!r} after {len(recorded)}/{total} rounds; "
+                    f"see the logs in {logs}, <consortium>/server/ and each site's work/logs/")
         finally:
             (logs / "serverapp.log").write_text(
                 proc.flwr_cli(home.cli_home, "log", run_id, "--show"))
     report = run_dir / "report.html"
     return DemoResult(run_id=run_id, run_dir=run_dir, report=report,
-                      seconds=time.monotonic() - start, rounds=rounds, out=out,
+                      seconds=time.monotonic() - start, rounds=recorded, out=out,
                       server_home=home.root)
 
 
@@ -185,42 +147,3 @@ def _wait_ready(ready: Path, server: subprocess.Popen[bytes], log: Path,
             tail = log.read_text()[-3000:] if log.exists() else ""
             raise DemoFailed(f"the server did not start (see {log}):\n{tail}")
         time.sleep(0.2)
-
-
-def _follow(cli_home: Path, run_id: str, run_dir: Path, total: int, round_timeout: float,
-            say: Callable[[str], None], tick: Callable[[str], None], logs: Path
-            ) -> list[dict[str, Any]]:
-    """Print each round as the server records it; return when Flower says the run ended."""
-    seen = 0
-    deadline = time.monotonic() + round_timeout * (total + 1)
-    status = "pending"
-    round_start = time.monotonic()
-    while time.monotonic() < deadline:
-        rows = _rows(run_dir)
-        for row in rows[seen:]:
-            say(format_round(row, total))
-            round_start = time.monotonic()
-        seen = len(rows)
-        if seen < total:
-            tick(f"round {seen + 1}/{total}: sites training and aggregating under SecAgg+ "
-                 f"({time.monotonic() - round_start:.0f}s)")
-        status = proc.run_status(cli_home, run_id)
-        if status.startswith("finished"):
-            break
-        time.sleep(2.0)
-    rows = _rows(run_dir)
-    for row in rows[seen:]:
-        say(format_round(row, total))
-    if status != "finished:completed" or len(rows) != total:
-        raise DemoFailed(
-            f"run {run_id} ended as {status!r} after {len(rows)}/{total} rounds; "
-            f"see the logs in {logs}, <consortium>/server/ and each site's work/logs/"
-        )
-    return rows
-
-
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

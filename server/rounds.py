@@ -111,6 +111,7 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
                       if keys.UPDATE in records else [])
             out.updates.append(SiteUpdate(node, arrays,
                                           out.metrics[node].get(keys.NUM_EXAMPLES, 0.0)))
+    out.updates.sort(key=lambda u: u.node_id)  # arrival order must not change the sum
     for node in node_ids:
         out.statuses.setdefault(node, "no-reply")
     return out

@@ -1,0 +1,226 @@
+"""`fedrad run ...` and `fedrad models ...`: the coordinator's and researcher's commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+run_app = typer.Typer(help="Launch and watch runs on the consortium's SuperLink.",
+                      no_args_is_help=True)
+models_app = typer.Typer(help="Global models in the run folders: list, show, export.",
+                         no_args_is_help=True)
+
+Consortium = Annotated[Path, typer.Option(help="The consortium folder")]
+StateDir = Annotated[Path | None, typer.Option(
+    help="The server's --state-dir, if it was given one (default <consortium>/server)")]
+RunId = Annotated[str, typer.Argument(help="The run id `fedrad run launch` printed")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object")]
+
+
+def _home(consortium: Path, state_dir: Path | None) -> Any:
+    from fedrad.server_node import ServerHome
+
+    return ServerHome(consortium.resolve(), state_dir.resolve() if state_dir else None)
+
+
+def _fail(what: str, exc: Exception) -> typer.Exit:
+    typer.echo(f"{what}: {exc}", err=True)
+    return typer.Exit(1)
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    """The errors a command reports (and exits 1 on) instead of a traceback."""
+    from common.config import ConfigError
+    from fedrad.model_registry import ModelRegistryError
+    from fedrad.processes import DeploymentError
+    from fedrad.runs import RunError
+
+    return ConfigError, RunError, DeploymentError, ModelRegistryError
+
+
+@run_app.command("launch")
+def run_launch(
+    config: Annotated[Path, typer.Argument(help="Run config TOML, e.g. configs/cxr-classify.toml")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a key, e.g. --set strategy=fedtrimmedavg (repeatable)")] = None,
+    consortium: Consortium = Path("consortium"),
+    state_dir: StateDir = None,
+    detach: Annotated[bool, typer.Option(help="Print the run id and return")] = False,
+) -> None:
+    """Check the config against the schema, submit it, and show progress by round."""
+    from fedrad.cli import _parse_sets
+    from fedrad.runs import follow, load_run_config, submit
+
+    what, errors = "run not launched", _errors()
+    home = _home(consortium, state_dir)
+    try:
+        values = load_run_config(config, _parse_sets(set_ or []))
+        submitted = submit(home, values)
+    except errors as exc:
+        raise _fail(what, exc) from exc
+    typer.echo(f"run {submitted.run_id} submitted ({config.name}, {submitted.total_rounds} "
+               f"rounds, strategy {values.get('strategy', 'fedavg')}); folder "
+               f"{submitted.run_dir}")
+    if detach:
+        return
+    timeout = float(values.get("round-timeout", 900.0)) * (submitted.total_rounds + 1)
+    status = follow(home, submitted, typer.echo, timeout=timeout)
+    typer.echo(f"run {submitted.run_id}: {status}")
+    if status != "finished:completed":
+        raise typer.Exit(1)
+
+
+@run_app.command("list")
+def run_list(consortium: Consortium = Path("consortium"), state_dir: StateDir = None,
+             as_json: AsJson = False) -> None:
+    """Every run the SuperLink knows, with the rounds recorded."""
+    from fedrad.runs import list_runs
+
+    what, errors = "cannot list runs", _errors()
+    try:
+        runs = list_runs(_home(consortium, state_dir))
+    except errors as exc:
+        raise _fail(what, exc) from exc
+    if as_json:
+        typer.echo(json.dumps(runs))
+        return
+    for run in runs:
+        typer.echo(f"{run['run_id']:>22}  {run['status']:<20} rounds {run['rounds_done']:<3} "
+                   f"{run['app']}")
+
+
+@run_app.command("status")
+def run_status(run_id: RunId, consortium: Consortium = Path("consortium"),
+               state_dir: StateDir = None, as_json: AsJson = False) -> None:
+    """Status, rounds done, the participation table and ε per site."""
+    from fedrad.runs import run_status as status_of
+
+    what, errors = f"no status for run {run_id}", _errors()
+    try:
+        status = status_of(_home(consortium, state_dir), run_id)
+    except errors as exc:
+        raise _fail(what, exc) from exc
+    if as_json:
+        typer.echo(json.dumps(status))
+        return
+    typer.echo(f"run {run_id}: {status['status']} ({status['rounds_done']}/"
+               f"{status['num_rounds']} rounds, strategy {status['strategy']}); "
+               f"folder {status['run_dir']}")
+    if status["last"]:
+        typer.echo(f"round {status['last']['round']}: pooled {status['last']['metric']} "
+                   f"{status['last']['pooled']:.3f}")
+    for site, cells in status["participation"].items():
+        typer.echo(f"  {site:<16} " + " ".join(f"{c:<8}" for c in cells))
+    for site, eps in sorted(status["epsilon"].items()):
+        typer.echo(f"  ε {site}: {eps:.3f}")
+
+
+@run_app.command("logs")
+def run_logs(run_id: RunId, consortium: Consortium = Path("consortium"),
+             state_dir: StateDir = None) -> None:
+    """The ServerApp's log of the run (Flower's `flwr log`)."""
+    from fedrad.runs import logs
+
+    what, errors = f"no logs for run {run_id}", _errors()
+    try:
+        typer.echo(logs(_home(consortium, state_dir), run_id))
+    except errors as exc:
+        raise _fail(what, exc) from exc
+
+
+@run_app.command("stop")
+def run_stop(run_id: RunId, consortium: Consortium = Path("consortium"),
+             state_dir: StateDir = None) -> None:
+    """Stop a run; its checkpoints stay, and `fedrad run resume` can continue it."""
+    from fedrad.runs import stop
+
+    what, errors = f"run {run_id} not stopped", _errors()
+    try:
+        stop(_home(consortium, state_dir), run_id)
+    except errors as exc:
+        raise _fail(what, exc) from exc
+    typer.echo(f"run {run_id}: stop requested")
+
+
+@run_app.command("resume")
+def run_resume(run_id: RunId, consortium: Consortium = Path("consortium"),
+               state_dir: StateDir = None,
+               detach: Annotated[bool, typer.Option(help="Return once submitted")] = False,
+               ) -> None:
+    """Continue a stopped or crashed run after its last checkpointed round, with the
+    same config and the strategy's saved state."""
+    from fedrad.runs import follow, resume
+
+    what, errors = f"run {run_id} not resumed", _errors()
+    home = _home(consortium, state_dir)
+    try:
+        submitted = resume(home, run_id)
+    except errors as exc:
+        raise _fail(what, exc) from exc
+    typer.echo(f"run {submitted.run_dir.name} resumed as Flower run {submitted.run_id}")
+    if detach:
+        return
+    status = follow(home, submitted, typer.echo, timeout=900.0 * submitted.total_rounds)
+    typer.echo(f"run {submitted.run_id}: {status}")
+    if status != "finished:completed":
+        raise typer.Exit(1)
+
+
+@models_app.command("list")
+def models_list(consortium: Consortium = Path("consortium"), state_dir: StateDir = None,
+                all_rounds: Annotated[bool, typer.Option(help="Every round's checkpoint, "
+                                                               "not only the last")] = False,
+                as_json: AsJson = False) -> None:
+    """The global models of every run (RUN:ROUND), newest round of each by default."""
+    from fedrad.model_registry import list_models
+
+    models = list_models(_home(consortium, state_dir).root, all_rounds=all_rounds)
+    if as_json:
+        typer.echo(json.dumps(models))
+        return
+    for m in models:
+        score = "-" if m["pooled_score"] is None else f"{m['pooled_score']:.3f}"
+        typer.echo(f"{m['name']:<26} {m['task']:<13} {m['model']:<12} {m['strategy']:<14} "
+                   f"rounds {m['rounds']:<7} {m['metric']} {score}  {m['run_status']}  "
+                   f"sha256 {m['sha256']}")
+
+
+@models_app.command("show")
+def models_show(name: Annotated[str, typer.Argument(help="RUN or RUN:ROUND")],
+                consortium: Consortium = Path("consortium"),
+                state_dir: StateDir = None) -> None:
+    """One model's description: architecture, preprocessing, metrics, ε per site."""
+    from fedrad.model_registry import describe, resolve
+
+    what, errors = f"no model {name}", _errors()
+    try:
+        run, ref = resolve(_home(consortium, state_dir).root, name)
+        typer.echo(json.dumps(describe(run, ref), indent=1, sort_keys=True))
+    except errors as exc:
+        raise _fail(what, exc) from exc
+
+
+@models_app.command("export")
+def models_export(
+    name: Annotated[str, typer.Argument(help="RUN or RUN:ROUND")],
+    out: Annotated[Path, typer.Option(help="New folder for model.pt, model.json, model.sig")],
+    consortium: Consortium = Path("consortium"),
+    state_dir: StateDir = None,
+    signing_key: Annotated[Path | None, typer.Option(
+        help="The consortium's model-signing key (default <consortium>/signing.key)")] = None,
+) -> None:
+    """A plain PyTorch state dict plus its description, signed by the consortium."""
+    from common.model_signing import load_signing_key
+    from fedrad.model_registry import export
+
+    what = f"model {name} not exported"
+    errors: tuple[type[Exception], ...] = (*_errors(), OSError)
+    try:
+        key = load_signing_key(signing_key or consortium / "signing.key")
+        folder = export(_home(consortium, state_dir).root, name, out, key)
+    except errors as exc:
+        raise _fail(what, exc) from exc
+    typer.echo(f"model {name} exported to {folder} (model.pt, model.json, model.sig)")
