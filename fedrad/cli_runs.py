@@ -224,3 +224,60 @@ def models_export(
     except errors as exc:
         raise _fail(what, exc) from exc
     typer.echo(f"model {name} exported to {folder} (model.pt, model.json, model.sig)")
+
+
+def evaluate_command(
+    model: Annotated[str, typer.Argument(help="An exported model folder, or RUN[:ROUND] of "
+                                              "the registry (with --consortium)")],
+    data: Annotated[list[Path], typer.Option(
+        help="A DICOM folder to evaluate on (repeatable: one per site, reported per site "
+        "and pooled)")],
+    verify_key: Annotated[Path | None, typer.Option(
+        help="The consortium's signing.pub (the kit's); required for an exported folder")]
+    = None,
+    consortium: Annotated[Path | None, typer.Option(
+        help="The consortium folder, for a registry name RUN[:ROUND]")] = None,
+    state_dir: StateDir = None,
+    labels_file: Annotated[Path | None, typer.Option(
+        help="labels.csv for classification (default <data>/labels.csv)")] = None,
+    work_dir: Annotated[Path | None, typer.Option(
+        help="Cache folder for decoded images (default: a temporary one)")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """AUROC with 95 % bootstrap CI, sensitivity/specificity, calibration (ECE); or Dice
+    and HD95 distributions; per site and pooled. Local data never leaves this machine."""
+    import tempfile
+
+    from client.dataset import DatasetError
+    from fedrad.evaluation import EvaluationError, evaluate, load_data, load_model
+
+    errors: tuple[type[Exception], ...] = (*_errors(), EvaluationError, DatasetError, OSError)
+    home = _home(consortium, state_dir).root if consortium else None
+    try:
+        loaded = load_model(model, server_home=home, verify_key=verify_key)
+        with tempfile.TemporaryDirectory(prefix="fedrad-eval-") as scratch:
+            sites = {}
+            for folder in data:
+                if not folder.is_dir():
+                    raise EvaluationError(f"--data {folder} is not a folder")
+                cache = (work_dir or Path(scratch)) / folder.resolve().name
+                sites[folder.resolve().name] = load_data(loaded.config, folder, cache,
+                                                         labels_file)
+            result = evaluate(loaded, sites)
+    except errors as exc:
+        raise _fail(f"model {model} not evaluated", exc) from exc
+    result.pop("_arrays")
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"model {result['model']} ({result['task']}) on {result['n_images']} images")
+    for site, values in result["per_site"].items():
+        if "auroc" in values:
+            cells = ", ".join(f"{label} {v:.3f} [{values['auroc_ci'][label][0]:.3f}, "
+                              f"{values['auroc_ci'][label][1]:.3f}]"
+                              for label, v in values["auroc"].items())
+            typer.echo(f"  {site} ({values['n_images']} images): AUROC {cells}")
+        else:
+            typer.echo(f"  {site} ({values['n_images']} images): Dice {values['dice_mean']:.3f}"
+                       f" [{values['dice_ci'][0]:.3f}, {values['dice_ci'][1]:.3f}], HD95 "
+                       f"median {values['hd95'].get('median', float('nan')):.2f} px")

@@ -95,6 +95,7 @@ def describe(run: RunFolder, ref: ModelRef) -> dict[str, Any]:
         "run_status": registry["status"],
         "checkpoint_sha256": registry["checkpoints"][str(ref.server_round)]["sha256"],
         "task": config.task.value,
+        "run_config": flat,  # the whole typed config, flat (settings only, no data)
         "architecture": {"class": f"{network.__module__}.{network.__name__}",
                          "kwargs": kwargs},
         "preprocessing": {

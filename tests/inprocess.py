@@ -81,11 +81,11 @@ def signing_keys(folder: Path) -> tuple[Path, Path]:
 
 
 def real_site(node: int, site_id: str, data: Path, work: Path, verify_key: Path,
-              run_config: dict[str, Any]) -> Site:
+              run_config: dict[str, Any], run_id: int = 1) -> Site:
     """A hospital running fedrad's ClientApp on its own DICOM folder."""
     from client.app import app
 
-    context = Context(run_id=1, node_id=node, node_config={
+    context = Context(run_id=run_id, node_id=node, node_config={
         "site-id": site_id, "data-dir": str(data), "work-dir": str(work),
         "epsilon-budget": 1000.0, "model-verify-key": str(verify_key), "threads": 1,
     }, state=RecordDict(), run_config=run_config)

@@ -158,7 +158,8 @@ def test_a_site_killed_mid_round_is_recorded_and_rejoins_later(federation) -> No
 
 @pytest.mark.deployment
 def test_a_killed_serverapp_resumes_to_the_uninterrupted_model(federation, tmp_path) -> None:
-    extra = ("strategy=fedadam", "server-learning-rate=0.02", "dp-enabled=false")
+    extra = ("strategy=fedadam", "server-learning-rate=0.02", "dp-enabled=false",
+             "evaluate-every=2")
     whole_id, whole_dir = _launch(federation, *extra)
     _wait(lambda: _finished(federation, whole_id).startswith("finished"), 600, "whole run")
     assert _finished(federation, whole_id) == "finished:completed"

@@ -1,0 +1,155 @@
+"""`fedrad models export` and `fedrad evaluate` on real federated models: numbers checked
+against independent computations, signatures enforced, PHI absent from the output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from client.dataset import DataSpec, load_site_dataset
+from common.config import Task
+from fedrad import processes as proc
+from fedrad.model_registry import load_exported
+from tests.inprocess import InProcessGrid, real_site, run_server, signing_keys
+
+FEDRAD = [sys.executable, "-m", "fedrad.cli"]
+BASE = {"image-size": 32, "num-rounds": 2, "min-sites": 3, "min-train-sites": 3,
+        "local-epochs": 2, "batch-size": 4, "learning-rate": 0.01, "dp-enabled": False,
+        "secagg-enabled": False, "augment": False}
+TASKS = {"seg": {"task": "lung-seg", "model": "unet"},
+         "cls": {"task": "cxr-classify", "model": "densenet121", "labels": "label_nodule",
+                 "num-rounds": 1}}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, phantom_sites):
+    """One federated model per task, trained in process and exported by the CLI."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    tmp = tmp_path_factory.mktemp("evaluate")
+    consortium = tmp / "consortium"
+    consortium.mkdir()
+    private, public = signing_keys(consortium)
+    out = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for run_id, (name, settings) in enumerate(TASKS.items(), start=1):
+            config = {**BASE, **settings}
+            sites = {n: real_site(n, f"site-{n}", phantom_sites[h], tmp / name / f"s{n}",
+                                  public, config, run_id)
+                     for n, h in {1: "hospital-a", 2: "hospital-b", 3: "hospital-c"}.items()}
+            run_server(InProcessGrid(sites), config, consortium / "server", private,
+                       monkeypatch, run_id=run_id)
+            folder = tmp / f"export-{name}"
+            result = subprocess.run([*FEDRAD, "models", "export", str(run_id), "--out",
+                                     str(folder), "--consortium", str(consortium)],
+                                    capture_output=True, text=True, check=False,
+                                    env=proc.child_env({}))
+            assert result.returncode == 0, result.stdout + result.stderr
+            out[name] = folder
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+    return {"folders": out, "public": public, "tmp": tmp}
+
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FEDRAD, "evaluate", *args], capture_output=True, text=True,
+                          check=False, env=proc.child_env({}), timeout=300)
+
+
+def _data(folder, task: Task, tmp, labels=()):
+    return load_site_dataset(folder, tmp, DataSpec(task=task, image_size=32, labels=labels))
+
+
+def test_segmentation_dice_and_hd95_per_site_and_pooled(exported, phantom_sites,
+                                                        tmp_path) -> None:
+    folder = exported["folders"]["seg"]
+    result = _evaluate(str(folder), "--data", str(phantom_sites["hospital-a"]), "--data",
+                       str(phantom_sites["hospital-b"]), "--verify-key",
+                       str(exported["public"]), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    model = load_exported(folder)
+    dice_all = []
+    for site in ("hospital-a", "hospital-b"):
+        data = _data(phantom_sites[site], Task.LUNG_SEG, tmp_path / site)
+        with torch.no_grad():
+            predicted = torch.sigmoid(model(torch.from_numpy(data.images))).numpy() > 0.5
+        truth = data.targets > 0
+        inter = (predicted & truth).sum(axis=(1, 2, 3))
+        dice = 2 * inter / (predicted.sum(axis=(1, 2, 3)) + truth.sum(axis=(1, 2, 3)))
+        dice_all += dice.tolist()
+        assert report["per_site"][site]["n_images"] == len(data.images) == 12
+        assert report["per_site"][site]["dice_mean"] == pytest.approx(dice.mean(), abs=1e-5)
+    assert report["n_images"] == 24
+    assert report["dice_mean"] == pytest.approx(np.mean(dice_all), abs=1e-5)
+    low, high = report["dice_ci"]
+    assert low <= report["dice_mean"] <= high and high - low > 0
+    assert report["dice"]["median"] == pytest.approx(np.median(dice_all), abs=1e-5)
+    assert report["hd95"]["n"] + report["hd95_undefined"] == 24
+    assert "ZZCANARY" not in result.stdout and "CANARY-" not in result.stdout
+
+
+def _auroc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Mann-Whitney: the chance a positive outranks a negative (ties count half)."""
+    pos, neg = scores[truth > 0.5], scores[truth <= 0.5]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def test_classification_auroc_with_bootstrap_ci_sensitivity_and_calibration(
+        exported, phantom_sites, tmp_path) -> None:
+    folder = exported["folders"]["cls"]
+    result = _evaluate(str(folder), "--data", str(phantom_sites["hospital-c"]),
+                       "--verify-key", str(exported["public"]), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    data = _data(phantom_sites["hospital-c"], Task.CXR_CLASSIFY, tmp_path,
+                 labels=("label_nodule",))
+    with torch.no_grad():
+        scores = torch.sigmoid(load_exported(folder)(torch.from_numpy(data.images))).numpy()
+    truth = data.targets[:, 0]
+    assert report["n_images"] == 12
+    expected = _auroc(scores[:, 0], truth)
+    assert report["auroc"]["label_nodule"] == pytest.approx(expected, abs=1e-6)
+    assert report["auroc"]["macro"] == pytest.approx(expected, abs=1e-6)
+    low, high = report["auroc_ci"]["label_nodule"]
+    assert 0 <= low <= expected <= high <= 1
+    label = report["labels"]["label_nodule"]
+    positive = truth > 0.5
+    assert label["sensitivity"] == pytest.approx(
+        ((scores[:, 0] > 0.5) & positive).sum() / positive.sum())
+    assert label["specificity"] == pytest.approx(
+        ((scores[:, 0] <= 0.5) & ~positive).sum() / (~positive).sum())
+    counts = label["reliability"]["count"]
+    assert sum(counts) == 12 and len(counts) == 10
+    # ECE = Σ_bins (n_b / N) |mean predicted_b - observed_b|
+    ece = sum(c / 12 * abs(p - o) for c, p, o in zip(
+        counts, label["reliability"]["mean_predicted"], label["reliability"]["observed"],
+        strict=True) if c)
+    assert label["ece"] == pytest.approx(ece, abs=1e-5)
+
+
+def test_a_model_whose_signature_or_weights_do_not_verify_is_refused(exported, tmp_path,
+                                                                     phantom_sites) -> None:
+    import shutil
+
+    folder = tmp_path / "tampered"
+    shutil.copytree(exported["folders"]["seg"], folder)
+    state = torch.load(folder / "model.pt", weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first] + 0.01
+    torch.save(state, folder / "model.pt")
+    data = ["--data", str(phantom_sites["hospital-a"])]
+    tampered = _evaluate(str(folder), *data, "--verify-key", str(exported["public"]))
+    assert tampered.returncode == 1
+    assert "model.pt differs from the sha256" in tampered.stderr
+    _, other = signing_keys(tmp_path)
+    foreign = _evaluate(str(exported["folders"]["seg"]), *data, "--verify-key", str(other))
+    assert foreign.returncode == 1 and "signature does not verify" in foreign.stderr
+    unchecked = _evaluate(str(exported["folders"]["seg"]), *data)
+    assert unchecked.returncode == 1 and "--verify-key" in unchecked.stderr
