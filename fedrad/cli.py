@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from fedrad.cli_runs import evaluate_command, models_app, run_app
+from fedrad.cli_runs import evaluate_command, models_app, predict_command, run_app
 
 app = typer.Typer(help="fedrad: federated learning across hospitals.", no_args_is_help=True)
 site_app = typer.Typer(help="Commands for hospital IT running a site.", no_args_is_help=True)
@@ -23,6 +23,7 @@ app.add_typer(consortium_app, name="consortium")
 app.add_typer(run_app, name="run")
 app.add_typer(models_app, name="models")
 app.command("evaluate")(evaluate_command)
+app.command("predict")(predict_command)
 
 
 @consortium_app.command("init")

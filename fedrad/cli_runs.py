@@ -281,3 +281,42 @@ def evaluate_command(
             typer.echo(f"  {site} ({values['n_images']} images): Dice {values['dice_mean']:.3f}"
                        f" [{values['dice_ci'][0]:.3f}, {values['dice_ci'][1]:.3f}], HD95 "
                        f"median {values['hd95'].get('median', float('nan')):.2f} px")
+
+
+def predict_command(
+    model: Annotated[str, typer.Argument(help="An exported model folder, or RUN[:ROUND] "
+                                              "(with --consortium)")],
+    study: Annotated[Path, typer.Argument(help="One DICOM study folder")],
+    out: Annotated[Path, typer.Option(help="Folder for SEG files / results.json / overlays")],
+    verify_key: Annotated[Path | None, typer.Option(
+        help="The consortium's signing.pub (the kit's); required for an exported folder")]
+    = None,
+    consortium: Annotated[Path | None, typer.Option(
+        help="The consortium folder, for a registry name RUN[:ROUND]")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Segmentation as DICOM SEG, classification as results.json keyed by the study's
+    UIDs, plus an overlay PNG per image; refuses a model whose signature does not verify."""
+    from fedrad.evaluation import EvaluationError, load_model
+    from fedrad.predict import predict_study
+
+    errors: tuple[type[Exception], ...] = (*_errors(), EvaluationError, OSError)
+    home = _home(consortium, state_dir).root if consortium else None
+    try:
+        if not study.is_dir():
+            raise EvaluationError(f"{study} is not a folder; give the study's DICOM folder")
+        loaded = load_model(model, server_home=home, verify_key=verify_key)
+        results = predict_study(loaded, study, out)
+    except errors as exc:
+        raise _fail(f"no prediction with model {model}", exc) from exc
+    for number, image in enumerate(results["images"], start=1):
+        if "labels" in image:
+            calls = ", ".join(f"{label} {v['probability']:.2f}{' +' if v['positive'] else ''}"
+                              for label, v in image["labels"].items())
+            typer.echo(f"image {number}: {calls}")
+        else:
+            typer.echo(f"image {number}: {image['seg_file']} (lung "
+                       f"{image['foreground_fraction']:.0%} of the image)")
+    for skipped in results["skipped"]:
+        typer.echo(f"skipped {skipped['file']}: {skipped['reason']}")
+    typer.echo(f"results in {out}")

@@ -57,8 +57,19 @@ def exported(tmp_path_factory, phantom_sites):
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess[str]:
+    # One thread on both sides: an undertrained model's scores differ by ~1e-6, and the
+    # same kernels on the same threads give the same floats (so the same ranks).
     return subprocess.run([*FEDRAD, "evaluate", *args], capture_output=True, text=True,
-                          check=False, env=proc.child_env({}), timeout=300)
+                          check=False, env=proc.child_env({"OMP_NUM_THREADS": "1"}),
+                          timeout=300)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _data(folder, task: Task, tmp, labels=()):
@@ -102,7 +113,7 @@ def _auroc(scores: np.ndarray, truth: np.ndarray) -> float:
 
 
 def test_classification_auroc_with_bootstrap_ci_sensitivity_and_calibration(
-        exported, phantom_sites, tmp_path) -> None:
+        exported, phantom_sites, tmp_path, one_thread) -> None:
     folder = exported["folders"]["cls"]
     result = _evaluate(str(folder), "--data", str(phantom_sites["hospital-c"]),
                        "--verify-key", str(exported["public"]), "--json")
@@ -153,3 +164,88 @@ def test_a_model_whose_signature_or_weights_do_not_verify_is_refused(exported, t
     assert foreign.returncode == 1 and "signature does not verify" in foreign.stderr
     unchecked = _evaluate(str(exported["folders"]["seg"]), *data)
     assert unchecked.returncode == 1 and "--verify-key" in unchecked.stderr
+
+
+def _study(cxr_root, tmp_path):
+    """A real radiopaedia study (CR, its own folder), plus a broken file beside it."""
+    import shutil
+
+    source = next(p for p in sorted((cxr_root / "radiopaedia").glob("*/*")) if p.is_dir())
+    study = tmp_path / "study"
+    shutil.copytree(source, study)
+    (study / "broken.dcm").write_bytes(b"not a dicom file")
+    return study
+
+
+def _model_input(path, size: int = 32) -> np.ndarray:
+    import pydicom
+
+    from client.pixels import projection_pixels, resize_area
+
+    return resize_area(projection_pixels(pydicom.dcmread(path)), size)
+
+
+def test_predict_writes_a_dicom_seg_a_pacs_can_read(exported, cxr_root, tmp_path) -> None:
+    import highdicom as hd
+    import pydicom
+
+    study, out = _study(cxr_root, tmp_path), tmp_path / "out"
+    result = subprocess.run([*FEDRAD, "predict", str(exported["folders"]["seg"]), str(study),
+                             "--out", str(out), "--verify-key", str(exported["public"])],
+                            capture_output=True, text=True, check=False, env=proc.child_env({}))
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    images = [p for p in study.rglob("*.dcm") if p.name != "broken.dcm"]
+    assert len(results["images"]) == len(images) >= 1
+    assert results["skipped"][0]["file"] == "broken.dcm"
+    model = load_exported(exported["folders"]["seg"])
+    for entry in results["images"]:
+        source_path = next(p for p in images if str(pydicom.dcmread(
+            p, stop_before_pixels=True).SOPInstanceUID) == entry["sop_instance_uid"])
+        source = pydicom.dcmread(source_path)
+        seg = hd.seg.segread(out / entry["seg_file"])
+        assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+        referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert seg.StudyInstanceUID == source.StudyInstanceUID
+        assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns)
+        assert seg.SegmentSequence[0].SegmentLabel == "Lung"
+        with torch.no_grad():
+            mask = (torch.sigmoid(model(torch.from_numpy(_model_input(source_path)[None, None])))
+                    [0, 0].numpy() > 0.5)
+        rows, cols = source.Rows, source.Columns
+        expected = mask[(np.arange(rows) * 32) // rows][:, (np.arange(cols) * 32) // cols]
+        np.testing.assert_array_equal(seg.pixel_array.reshape(rows, cols), expected)
+        assert entry["foreground_fraction"] == pytest.approx(mask.mean())
+        assert (out / entry["overlay"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_classification_results_carry_uids_not_phi(exported, cxr_root,
+                                                           tmp_path) -> None:
+    study, out = _study(cxr_root, tmp_path), tmp_path / "out"
+    result = subprocess.run([*FEDRAD, "predict", str(exported["folders"]["cls"]), str(study),
+                             "--out", str(out), "--verify-key", str(exported["public"])],
+                            capture_output=True, text=True, check=False, env=proc.child_env({}))
+    assert result.returncode == 0, result.stderr
+    text = (out / "results.json").read_text()
+    assert "ZZCANARY" not in text and "CANARY-" not in text
+    assert "ZZCANARY" not in result.stdout + result.stderr
+    results = json.loads(text)
+    model = load_exported(exported["folders"]["cls"])
+    import pydicom
+
+    for entry in results["images"]:
+        path = next(p for p in study.rglob("*.dcm") if p.name != "broken.dcm" and str(
+            pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            == entry["sop_instance_uid"])
+        with torch.no_grad():
+            p = float(torch.sigmoid(model(torch.from_numpy(_model_input(path)[None, None]))))
+        assert entry["labels"]["label_nodule"]["probability"] == pytest.approx(p, abs=1e-5)
+        assert entry["labels"]["label_nodule"]["positive"] == (p > 0.5)
+        png = (out / entry["overlay"]).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    refused = subprocess.run([*FEDRAD, "predict", str(exported["folders"]["cls"]), str(study),
+                              "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                             check=False, env=proc.child_env({}))
+    assert refused.returncode == 1 and "--verify-key" in refused.stderr
+    assert not (tmp_path / "x").exists()
