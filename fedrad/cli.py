@@ -12,7 +12,13 @@ from typing import Annotated
 
 import typer
 
-from fedrad.cli_runs import evaluate_command, models_app, predict_command, run_app
+from fedrad.cli_runs import (
+    evaluate_command,
+    models_app,
+    predict_command,
+    report_command,
+    run_app,
+)
 
 app = typer.Typer(help="fedrad: federated learning across hospitals.", no_args_is_help=True)
 site_app = typer.Typer(help="Commands for hospital IT running a site.", no_args_is_help=True)
@@ -24,6 +30,7 @@ app.add_typer(run_app, name="run")
 app.add_typer(models_app, name="models")
 app.command("evaluate")(evaluate_command)
 app.command("predict")(predict_command)
+app.command("report")(report_command)
 
 
 @consortium_app.command("init")
@@ -154,6 +161,33 @@ def server_start(
         typer.echo(f"server did not start: {exc}", err=True)
         raise typer.Exit(1) from exc
     raise typer.Exit(code)
+
+
+@server_app.command("dashboard")
+def server_dashboard(
+    consortium: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+    state_dir: Annotated[Path | None, typer.Option(
+        help="The server's --state-dir, if it was given one")] = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1")] = 8080,
+) -> None:
+    """A read-only status page on 127.0.0.1: runs, rounds, sites online, metric plots,
+    privacy spent per site."""
+    from fedrad.dashboard import serve
+    from fedrad.server_node import ServerHome
+
+    home = ServerHome(consortium.resolve(), state_dir.resolve() if state_dir else None)
+    try:
+        server = serve(home, port)
+    except OSError as exc:
+        typer.echo(f"dashboard did not start on 127.0.0.1:{port}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"dashboard on http://127.0.0.1:{server.server_address[1]}/ (read-only)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @server_app.command("sync-sites")

@@ -320,3 +320,38 @@ def predict_command(
     for skipped in results["skipped"]:
         typer.echo(f"skipped {skipped['file']}: {skipped['reason']}")
     typer.echo(f"results in {out}")
+
+
+def report_command(
+    run_id: RunId,
+    out: Annotated[Path | None, typer.Option(help="The HTML file to write (default "
+                                                  "report-<RUN>.html here)")] = None,
+    data: Annotated[list[Path] | None, typer.Option(
+        help="Local DICOM folder(s): add ROC/reliability or Dice plots and Grad-CAM "
+        "overlays of the run's final model on them (repeatable)")] = None,
+    consortium: Consortium = Path("consortium"),
+    state_dir: StateDir = None,
+    labels_file: Annotated[Path | None, typer.Option(
+        help="labels.csv for classification (default <data>/labels.csv)")] = None,
+    work_dir: Annotated[Path | None, typer.Option(
+        help="Cache folder for decoded images (default: a temporary one)")] = None,
+) -> None:
+    """An HTML report: learning curves per site, participation, privacy spent; with
+    --data, ROC/Dice and Grad-CAM rendered from local data only."""
+    import tempfile
+
+    from client.dataset import DatasetError
+    from fedrad.evaluation import EvaluationError
+    from fedrad.report import write_run_report
+
+    errors: tuple[type[Exception], ...] = (*_errors(), EvaluationError, DatasetError, OSError,
+                                           LookupError)
+    target = out or Path(f"report-{run_id}.html")
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedrad-report-") as scratch:
+            path = write_run_report(_home(consortium, state_dir).root, run_id,
+                                    data=data or [], out=target,
+                                    work_dir=work_dir or Path(scratch), labels_file=labels_file)
+    except errors as exc:
+        raise _fail(f"no report for run {run_id}", exc) from exc
+    typer.echo(f"report: {path}")

@@ -196,7 +196,7 @@ def segmentation(model: LoadedModel, data: SiteDataset, seed: int = 0) -> dict[s
 
 def evaluate(model: LoadedModel, sites: dict[str, SiteDataset]) -> dict[str, Any]:
     """Per site and pooled; arrays (scores, masks) are kept under `_arrays` for plots."""
-    pooled = _pool(list(sites.values()))
+    pooled = pool(list(sites.values()))
     rows = {"pooled": pooled, **sites} if len(sites) > 1 else {"pooled": pooled}
     out: dict[str, Any] = {"model": model.name, "task": model.config.task.value,
                            "n_images": int(len(pooled.images)), "per_site": {},
@@ -220,7 +220,7 @@ def evaluate(model: LoadedModel, sites: dict[str, SiteDataset]) -> dict[str, Any
     return out
 
 
-def _pool(sites: list[SiteDataset]) -> SiteDataset:
+def pool(sites: list[SiteDataset]) -> SiteDataset:
     if len(sites) == 1:
         return sites[0]
     offset, groups = 0, []

@@ -1,4 +1,10 @@
-"""A short, self-contained HTML report of a run (plots embedded as PNG)."""
+"""A run's HTML report from its run folder: learning curves per site, participation,
+privacy spent, rounds, config, checkpoints. Plots are matplotlib PNGs embedded as data
+URIs, so the file stands alone (no script, no external resource).
+
+`run_sections` is shared with `fedrad report` (which adds sections made from a site's
+local data) and the dashboard (which serves the same charts as PNG files).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,29 @@ from typing import Any
 
 from server.registry import RunFolder
 
-
-def _png(fig: Any) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 Points = list[tuple[int, float]]
+STATUS_COLOURS = {"ok": "#2e7d32", "-": "#e0e0e0"}  # anything else: not counted (red)
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png_bytes(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def img_tag(data: bytes, alt: str) -> str:
+    return (f"<img alt='{html.escape(alt)}' "
+            f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
 
 
 def _series(rounds: list[dict[str, Any]], part: str, metric: str) -> dict[str, Points]:
@@ -29,53 +50,91 @@ def _series(rounds: list[dict[str, Any]], part: str, metric: str) -> dict[str, P
     return out
 
 
-def _plot(rounds: list[dict[str, Any]], part: str, metric: str, title: str,
-          pooled: bool = False) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def curve_png(rounds: list[dict[str, Any]], part: str, metric: str, title: str,
+              pooled: bool = False) -> bytes:
+    """One line per site (and the pooled score) over rounds."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for site_id, points in sorted(_series(rounds, part, metric).items()):
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=site_id)
     if pooled:
-        ax.plot([r["server_round"] for r in rounds], [r["pooled_score"] for r in rounds],
+        scored = [r for r in rounds if r["pooled_score"] == r["pooled_score"]]  # not NaN
+        ax.plot([r["server_round"] for r in scored], [r["pooled_score"] for r in scored],
                 marker="s", color="black", linestyle="--", label="pooled")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return png_bytes(fig)
 
 
-def write_report(run: RunFolder) -> Path:
-    """Write report.html into the run folder; return its path."""
+def participation(rounds: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Site → its status word in each round ('-': not part of that round)."""
+    sites = sorted({s for row in rounds for s in row["sites"]})
+    return {s: [row["sites"].get(s, {}).get("status", "-") for row in rounds] for s in sites}
+
+
+def participation_png(rounds: list[dict[str, Any]]) -> bytes:
+    """Sites x rounds: green counted, red not counted (failed, dropped, rejected), grey
+    absent."""
+    from matplotlib.colors import to_rgb
+
+    plt = pyplot()
+    table = participation(rounds)
+    grid = [[to_rgb(STATUS_COLOURS.get(cell, "#c62828")) for cell in cells]
+            for cells in table.values()]
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * len(rounds) + 2), 0.45 * len(table) + 1.2))
+    if grid:
+        ax.imshow(grid, aspect="auto")
+    ax.set_yticks(range(len(table)), list(table))
+    ax.set_xticks(range(len(rounds)), [str(r["server_round"]) for r in rounds])
+    ax.set_xlabel("round")
+    ax.set_title("participation (green counted, red not counted, grey absent)", fontsize=9)
+    return png_bytes(fig)
+
+
+def charts(run: RunFolder) -> dict[str, tuple[str, bytes]]:
+    """name → (caption, PNG) of every chart a run's records allow."""
+    rounds = run.rounds()
+    if not rounds:
+        return {}
+    metric = rounds[-1]["score_metric"]
+    out = {
+        "score": (f"{metric} per site per round, and pooled",
+                  curve_png(rounds, "evaluation", metric, f"{metric} (held-out, per site)",
+                            pooled=True)),
+        "loss": ("training loss per site per round",
+                 curve_png(rounds, "train", "train-loss", "training loss per site")),
+        "participation": ("participation per round", participation_png(rounds)),
+    }
+    if any("epsilon-total" in s["train"] for r in rounds for s in r["sites"].values()):
+        out["privacy"] = ("privacy spent per site (ε, each site's ledger)",
+                          curve_png(rounds, "train", "epsilon-total", "privacy spent (ε)"))
+    return out
+
+
+def run_sections(run: RunFolder) -> list[str]:
+    """The HTML body of a run's report, from its run folder alone."""
     rounds = run.rounds()
     registry = run.read_json("registry.json") or {}
     config = run.read_json("config.json") or {}
     epsilon = run.read_json("epsilon.json") or {}
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>fedrad run report</title>",
-        "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>",
-        "</head><body>",
         f"<h1>fedrad run {html.escape(str(registry.get('run_id', '?')))}</h1>",
         f"<p>Status: <b>{html.escape(str(registry.get('status', '?')))}</b>; "
-        f"{len(rounds)} of {config.get('num-rounds', '?')} rounds completed.</p>",
+        f"{len(rounds)} of {html.escape(str(config.get('num-rounds', '?')))} rounds recorded; "
+        f"strategy {html.escape(str(config.get('strategy', 'fedavg')))}.</p>",
+        "<h2>Learning curves, participation, privacy</h2>",
     ]
+    parts += [f"<figure>{img_tag(png, caption)}<figcaption>{html.escape(caption)}"
+              "</figcaption></figure>" for caption, png in charts(run).values()]
     if rounds:
-        metric = rounds[-1]["score_metric"]
-        parts.append(f"<img alt='{metric} per round per site' src='data:image/png;base64,"
-                     f"{_plot(rounds, 'evaluation', metric, f'{metric} per round', True)}'>")
-        parts.append(f"<img alt='epsilon per site' src='data:image/png;base64,"
-                     f"{_plot(rounds, 'train', 'epsilon-total', 'privacy spent (ε)')}'>")
-        parts.append("<h2>Rounds</h2><table><tr><th>round</th><th>sites</th><th>pooled score</th>"
-                     "<th>wall s</th><th>slowest site s</th><th>overhead s</th></tr>")
+        parts.append("<h2>Rounds</h2><table><tr><th>round</th><th>sites counted</th>"
+                     "<th>pooled score</th><th>wall s</th><th>slowest site s</th>"
+                     "<th>overhead s</th></tr>")
         for row in rounds:
             parts.append(
                 f"<tr><td>{row['server_round']}</td>"
@@ -83,8 +142,12 @@ def write_report(run: RunFolder) -> Path:
                 f"<td>{row['score_metric']} {row['pooled_score']:.3f}</td>"
                 f"<td>{row['wall_seconds']:.1f}</td>"
                 f"<td>{row['slowest_site_seconds']:.1f}</td>"
-                f"<td>{row['overhead_seconds']:.1f}</td></tr>"
-            )
+                f"<td>{row['overhead_seconds']:.1f}</td></tr>")
+        parts.append("</table><h2>Participation</h2><table><tr><th>site</th>" + "".join(
+            f"<th>{r['server_round']}</th>" for r in rounds) + "</tr>")
+        for site, cells in participation(rounds).items():
+            parts.append(f"<tr><td>{html.escape(site)}</td>" + "".join(
+                f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
     parts.append("<h2>Privacy spent per site</h2><table><tr><th>site</th><th>ε</th></tr>")
     for site_id, value in sorted(epsilon.items()):
@@ -95,7 +158,26 @@ def write_report(run: RunFolder) -> Path:
     parts.append("</table><h2>Checkpoints</h2><table><tr><th>round</th><th>sha256</th></tr>")
     for rnd, entry in sorted(registry.get("checkpoints", {}).items(), key=lambda kv: int(kv[0])):
         parts.append(f"<tr><td>{rnd}</td><td><code>{entry['sha256']}</code></td></tr>")
-    parts.append("</table></body></html>")
-    path = run.root / "report.html"
-    path.write_text("\n".join(parts))
+    parts.append("</table>")
+    return parts
+
+
+def page(title: str, body: list[str], refresh: int | None = None) -> str:
+    head = "<meta charset='utf-8'>" + (f"<meta http-equiv='refresh' content='{refresh}'>"
+                                       if refresh else "")
+    return "\n".join([
+        f"<!doctype html><html><head>{head}<title>{html.escape(title)}</title>",
+        "<link rel='icon' href='data:,'>",  # no favicon request
+        "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
+        "padding:3px 8px}figure{display:inline-block;margin:.5em}"
+        "figcaption{font-size:80%;color:#555}</style></head><body>",
+        *body, "</body></html>"])
+
+
+def write_report(run: RunFolder, extra: list[str] | None = None,
+                 path: Path | None = None) -> Path:
+    """Write the report (default: report.html in the run folder); return its path."""
+    path = path or run.root / "report.html"
+    path.write_text(page(f"fedrad run {run.run_id}", run_sections(run) + (extra or [])))
     return path

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,19 @@ def test_a_site_killed_mid_round_is_recorded_and_rejoins_later(federation) -> No
         r for r in listed if r["run_id"] == run_id).items()
     log = _fedrad("run", "logs", run_id, folder=federation["folder"])
     assert "round 4/4" in log.stdout
+
+    # The dashboard of the live server: every site online again, this run listed.
+    port = proc.free_port()
+    with proc.ProcessGroup() as group:
+        group.start("dashboard", [*FEDRAD, "server", "dashboard", "--consortium",
+                                  str(federation["folder"]), "--port", str(port)],
+                    log=federation["tmp"] / "dashboard.log", cwd=federation["tmp"], env={})
+        proc.wait_for_port(port, 60)
+        index = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+    for site in DATA:
+        assert re.search(rf"<td>{site}</td><td>\d+</td><td>[^<]*</td><td>online</td>", index), \
+            index
+    assert f"/runs/{run_id}" in index
 
 
 @pytest.mark.deployment
