@@ -165,6 +165,7 @@ class FaultConfig:
     min_train_sites: int  # k: a round completes when at least k sites' updates count
     max_update_norm: float  # an update with a larger L2 norm is rejected; 0 = no bound
     evaluate_every: int  # federated evaluation every N rounds (and always the last)
+    cross_site: bool  # after the last round: every site's local model at every site
 
     def __post_init__(self) -> None:
         if not self.max_update_norm >= 0:
@@ -246,6 +247,7 @@ class RunConfig:
                 min_train_sites=get.integer("min-train-sites", minimum=1),
                 max_update_norm=get.number("max-update-norm"),
                 evaluate_every=get.integer("evaluate-every", minimum=1),
+                cross_site=get.boolean("cross-site-validation"),
             ),
             dp=DPConfig(
                 enabled=get.boolean("dp-enabled"),
@@ -334,6 +336,15 @@ def _check_strategy(config: RunConfig) -> None:
         raise ConfigError(
             f"strategy={name.value} does not average, so central DP's noise (calibrated for a "
             "mean) would not cover it; use fedavg, fedprox or fedadam with central-dp-enabled")
+    if config.faults.cross_site and config.secagg.enabled:
+        raise ConfigError(
+            "cross-site-validation sends each site's local model to the other sites, and "
+            "SecAgg+ exists to hide it; set secagg-enabled=false to allow it")
+    if config.faults.cross_site and not config.dp.enabled:
+        raise ConfigError(
+            "cross-site-validation without DP would hand each site's local model, trained "
+            "on its patients without a privacy guarantee, to the other sites; set "
+            "dp-enabled=true")
     if config.faults.max_update_norm > 0 and config.secagg.enabled:
         raise ConfigError(
             "max-update-norm needs each site's own update, which SecAgg+ hides (SecAgg+ "
@@ -380,6 +391,7 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "min-train-sites": ("faults", "min_train_sites"),
     "max-update-norm": ("faults", "max_update_norm"),
     "evaluate-every": ("faults", "evaluate_every"),
+    "cross-site-validation": ("faults", "cross_site"),
     "dp-enabled": ("dp", "enabled"),
     "dp-target-epsilon": ("dp", "target_epsilon"),
     "dp-delta": ("dp", "delta"),
@@ -425,6 +437,7 @@ _DEFAULTS: dict[str, Any] = {
     "min-train-sites": 2,
     "max-update-norm": 0.0,
     "evaluate-every": 1,
+    "cross-site-validation": False,
     "dp-enabled": True,
     "dp-target-epsilon": 8.0,
     "dp-delta": "auto",

@@ -241,6 +241,7 @@ def main(grid: Grid, context: Context) -> None:
                 ))
                 raise RunAborted(f"round {server_round}: {counted} site update(s) counted, "
                                  f"fewer than min-train-sites={k} (sites: {train.statuses})")
+            sent = global_arrays  # the model this round's sites started from
             new_global = aggregator.next_global(server_round, global_arrays, updates)
             check_finite(new_global)
             step = [n - g for n, g in zip(new_global, global_arrays, strict=True)]
@@ -281,6 +282,12 @@ def main(grid: Grid, context: Context) -> None:
             if central is not None:
                 server_state["central-dp-releases"] = torch.tensor([central.rounds])
             run.save_server_state(server_round, server_state)
+            if config.faults.cross_site and server_round == config.num_rounds:
+                run.write_json("cross-site.json", _cross_site(
+                    grid, context, config, signer, server_round, global_arrays, sent=sent,
+                    updates=[u for u in train.updates
+                             if train.statuses.get(u.node_id) == keys.STATUS_OK],
+                    node_ids=node_ids, names=names))
             failed = {names.get(n, f"node-{n}"): s for n, s in train.statuses.items()
                       if s != keys.STATUS_OK}
             LOG.info("round %d/%d: %d/%d sites counted%s, pooled %s %.3f, ε %s, wall %.1fs, "
@@ -295,6 +302,28 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         report = write_report(run)
         LOG.info("report: %s", report)
+
+
+def _cross_site(grid: Grid, context: Context, config: RunConfig, signer: Ed25519PrivateKey,
+                server_round: int, global_arrays: list[np.ndarray], *,
+                sent: list[np.ndarray], updates: list[SiteUpdate], node_ids: list[int],
+                names: dict[int, str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each site's local model of the last round (the global model it started from plus its
+    DP-trained update) and the global model, evaluated at every site: model → site →
+    metrics. Only allowed without SecAgg+ and with DP (common.config)."""
+    models = {"global": global_arrays}
+    for update in updates:
+        models[f"local:{names.get(update.node_id, update.node_id)}"] = [
+            (b + u).astype(np.float32) for b, u in zip(sent, update.arrays, strict=True)]
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for model_name, arrays in models.items():
+        replies = evaluate_round(grid, config, server_round=server_round,
+                                 global_arrays=arrays, node_ids=node_ids,
+                                 signature=sign_model(signer, arrays, context.run_id,
+                                                      server_round, "evaluate"))
+        table[model_name] = {names.get(n, f"node-{n}"): m for n, m in replies.metrics.items()}
+    LOG.info("cross-site validation: %d models x %d sites", len(models), len(node_ids))
+    return table
 
 
 def _epsilons(record: RoundRecord) -> str:

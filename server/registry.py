@@ -243,6 +243,9 @@ class RunFolder:
         if self._writer is not None:
             self._writer.close()
 
+    def write_json(self, name: str, data: Any) -> None:
+        _write_json(self.root / name, data)
+
     def read_json(self, name: str) -> Any:
         path = self.root / name
         return json.loads(path.read_text()) if path.exists() else None

@@ -149,6 +149,20 @@ def run_sections(run: RunFolder) -> list[str]:
             parts.append(f"<tr><td>{html.escape(site)}</td>" + "".join(
                 f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
+    cross = run.read_json("cross-site.json")
+    if cross and rounds:
+        metric = rounds[-1]["score_metric"]
+        columns = sorted({s for row in cross.values() for s in row})
+        parts.append(f"<h2>Cross-site validation ({html.escape(metric)})</h2><p>Rows: the "
+                     "model (global, or one site's local model of the last round); columns: "
+                     "the site whose held-out patients it was evaluated on.</p><table><tr>"
+                     "<th>model</th>" + "".join(f"<th>{html.escape(s)}</th>" for s in columns)
+                     + "</tr>")
+        for model, row in cross.items():
+            scores = "".join(f"<td>{row[s][metric]:.3f}</td>" if metric in row.get(s, {})
+                             else "<td>-</td>" for s in columns)
+            parts.append(f"<tr><td>{html.escape(model)}</td>{scores}</tr>")
+        parts.append("</table>")
     parts.append("<h2>Privacy spent per site</h2><table><tr><th>site</th><th>ε</th></tr>")
     for site_id, value in sorted(epsilon.items()):
         parts.append(f"<tr><td>{html.escape(site_id)}</td><td>{value:.3f}</td></tr>")

@@ -105,6 +105,9 @@ def test_screening(update: SiteUpdate, max_norm: float, reason: str | None) -> N
     ({"strategy": "fedyogi"}, "strategy must be one of"),
     ({"trim-fraction": 0.5, "secagg-enabled": False}, "trim-fraction"),
     ({"evaluate-every": 0}, "evaluate-every must be >= 1"),
+    ({"cross-site-validation": True}, "SecAgg+ exists to hide it"),
+    ({"cross-site-validation": True, "secagg-enabled": False, "dp-enabled": False},
+     "without DP"),
 ])
 def test_strategy_settings_that_would_protect_or_aggregate_less_are_refused(
         values: dict, named: str) -> None:

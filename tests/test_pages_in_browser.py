@@ -19,7 +19,7 @@ FEDRAD = [sys.executable, "-m", "fedrad.cli"]
 CONFIG = {"task": "cxr-classify", "model": "densenet121", "labels": "label_nodule",
           "image-size": 32, "num-rounds": 2, "min-sites": 3, "min-train-sites": 2,
           "local-epochs": 1, "batch-size": 4, "dp-enabled": True, "dp-target-epsilon": 8.0,
-          "secagg-enabled": False, "augment": False}
+          "secagg-enabled": False, "augment": False, "cross-site-validation": True}
 HOSPITALS = {1: "hospital-a", 2: "hospital-b", 3: "hospital-c"}
 
 
@@ -68,6 +68,23 @@ def test_the_report_loads_with_every_image_and_no_console_error(consortium, phan
     html = out.read_text()
     assert "ZZCANARY" not in html and "CANARY-" not in html
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+    assert "Cross-site validation" in page.text
+
+
+def test_cross_site_validation_evaluates_every_local_model_at_every_site(consortium) -> None:
+    run = consortium / "server" / "runs" / "7"
+    table = json.loads((run / "cross-site.json").read_text())
+    sites = {f"site-{n}" for n in HOSPITALS}
+    assert set(table) == {"global"} | {f"local:{s}" for s in sites}
+    assert all(set(row) == sites for row in table.values())
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    for site in sites:  # the global row is the last round's evaluation, number for number
+        evaluated = last["sites"][site]["evaluation"]
+        assert {k: v for k, v in table["global"][site].items() if not k.endswith("-seconds")} == \
+            {k: v for k, v in evaluated.items() if not k.endswith("-seconds")}
+        assert table["global"][site]["num-examples"] == 4.0  # the held-out patients' images
+    assert any(table[f"local:{s}"][t]["eval-loss"] != table["global"][t]["eval-loss"]
+               for s in sites for t in sites)  # local models are not the global one
 
 
 def test_the_dashboard_shows_runs_sites_and_privacy_read_only(consortium, tmp_path) -> None:
