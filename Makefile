@@ -27,7 +27,7 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 test: lint browser
-	$(BIN)/pytest -q $(ARGS)
+	$(BIN)/pytest -q --durations=12 $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

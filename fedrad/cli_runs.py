@@ -18,6 +18,10 @@ StateDir = Annotated[Path | None, typer.Option(
     help="The server's --state-dir, if it was given one (default <consortium>/server)")]
 RunId = Annotated[str, typer.Argument(help="The run id `fedrad run launch` printed")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object")]
+VerifyKey = Annotated[Path | None, typer.Option(
+    help="The consortium's signing.pub (the kit's); required for an exported folder")]
+RegistryConsortium = Annotated[Path | None, typer.Option(
+    help="The consortium folder, for a registry name RUN[:ROUND]")]
 
 
 def _home(consortium: Path, state_dir: Path | None) -> Any:
@@ -232,11 +236,8 @@ def evaluate_command(
     data: Annotated[list[Path], typer.Option(
         help="A DICOM folder to evaluate on (repeatable: one per site, reported per site "
         "and pooled)")],
-    verify_key: Annotated[Path | None, typer.Option(
-        help="The consortium's signing.pub (the kit's); required for an exported folder")]
-    = None,
-    consortium: Annotated[Path | None, typer.Option(
-        help="The consortium folder, for a registry name RUN[:ROUND]")] = None,
+    verify_key: VerifyKey = None,
+    consortium: RegistryConsortium = None,
     state_dir: StateDir = None,
     labels_file: Annotated[Path | None, typer.Option(
         help="labels.csv for classification (default <data>/labels.csv)")] = None,
@@ -288,11 +289,8 @@ def predict_command(
                                               "(with --consortium)")],
     study: Annotated[Path, typer.Argument(help="One DICOM study folder")],
     out: Annotated[Path, typer.Option(help="Folder for SEG files / results.json / overlays")],
-    verify_key: Annotated[Path | None, typer.Option(
-        help="The consortium's signing.pub (the kit's); required for an exported folder")]
-    = None,
-    consortium: Annotated[Path | None, typer.Option(
-        help="The consortium folder, for a registry name RUN[:ROUND]")] = None,
+    verify_key: VerifyKey = None,
+    consortium: RegistryConsortium = None,
     state_dir: StateDir = None,
 ) -> None:
     """Segmentation as DICOM SEG, classification as results.json keyed by the study's

@@ -68,6 +68,63 @@ def screen_update(update: SiteUpdate, layout: list[np.ndarray], max_norm: float)
     return None
 
 
+class UpdatePool:
+    """Where a round's individual updates go once screened.
+
+    Mean-based strategies (FedAvg, FedProx, FedAdam) fold each accepted update into one
+    running weighted sum as it arrives, so the server holds a single model-sized sum and
+    not one model per site; robust strategies and cross-site validation need every
+    update, and keep them. `uniform`: every site weighs 1 (central DP's clipped mean).
+    """
+
+    def __init__(self, layout: list[np.ndarray], *, max_norm: float, keep: bool,
+                 uniform: bool) -> None:
+        self.layout = layout
+        self.max_norm = max_norm
+        self.keep = keep
+        self.uniform = uniform
+        self.kept: list[SiteUpdate] = []
+        self.count = 0
+        self._sum: list[np.ndarray] | None = None
+        self._weight = 0.0
+
+    def add(self, update: SiteUpdate) -> str | None:
+        """Screen and take `update`; the rejection status word, or None if accepted."""
+        reason = screen_update(update, self.layout, self.max_norm)
+        if reason is not None:
+            return reason
+        weight = 1.0 if self.uniform else update.weight
+        self.count += 1
+        self._weight += weight
+        if self.keep:
+            self.kept.append(update)
+            return None
+        if self._sum is None:
+            self._sum = [np.zeros_like(a, dtype=np.float64) for a in self.layout]
+        for total, array in zip(self._sum, update.arrays, strict=True):
+            total += weight * np.asarray(array, dtype=np.float64)  # in place, order-proof
+        return None
+
+    def mean(self) -> list[np.ndarray]:
+        """The weighted mean of the accepted updates."""
+        if self.count == 0:
+            raise ValueError("no update accepted")
+        if self.keep:
+            weights = [1.0 if self.uniform else u.weight for u in self.kept]
+            return [np.average(np.stack(layer), axis=0, weights=weights).astype(np.float32)
+                    for layer in zip(*(u.arrays for u in self.kept), strict=True)]
+        assert self._sum is not None
+        return [(total / self._weight).astype(np.float32) for total in self._sum]
+
+    def contributions(self) -> list[SiteUpdate]:
+        """What the strategy aggregates: every update (in node order), or their mean."""
+        if self.count == 0:
+            return []
+        if self.keep:
+            return sorted(self.kept, key=lambda u: u.node_id)
+        return [SiteUpdate(0, self.mean(), self._weight)]
+
+
 def build_strategy(config: RunConfig) -> FedAvg:
     """The Flower strategy named by the run config (sampling is fedrad's, not its)."""
     common = {"weighted_by_key": keys.NUM_EXAMPLES, "arrayrecord_key": _ARRAYS,
@@ -104,6 +161,11 @@ class Aggregator:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.strategy = build_strategy(config)
+
+    @property
+    def needs_every_update(self) -> bool:
+        """Robust rules look at each update; the others need only their weighted mean."""
+        return self.config.strategy.name.needs_individual_updates
 
     def next_global(self, server_round: int, global_arrays: list[np.ndarray],
                     updates: list[SiteUpdate]) -> list[np.ndarray]:

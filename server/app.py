@@ -29,7 +29,7 @@ from common.weights import (
     to_arrays,
     unpack,
 )
-from server.aggregation import Aggregator, SiteUpdate, screen_update
+from server.aggregation import Aggregator, SiteUpdate, UpdatePool
 from server.central_dp import CentralDP
 from server.polling_grid import PollingGrid
 from server.registry import RoundRecord, RunFolder, SiteRound, registered_sites, server_home
@@ -135,41 +135,24 @@ def _start_or_resume(context: Context, config: RunConfig, layout: list[np.ndarra
     return _RunState(run, last + 1, pack(template_arrays))
 
 
-def _screened(run: RunFolder, server_round: int, train: Replies,
-              global_arrays: list[np.ndarray], config: RunConfig) -> list[SiteUpdate]:
-    """The updates that may be aggregated; the others get a rejected-* status."""
-    accepted = []
-    for update in train.updates:
-        reason = screen_update(update, global_arrays, config.faults.max_update_norm)
-        if reason is None:
-            accepted.append(update)
-            continue
-        train.statuses[update.node_id] = reason
-        run.audit.append("update-rejected", run_id=run.run_id, round=server_round,
-                         node_id=update.node_id, reason=reason)
-        LOG.warning("round %d: update of node %d rejected (%s)", server_round,
-                    update.node_id, reason)
-    return accepted
-
-
-def _mean(updates: list[SiteUpdate]) -> list[np.ndarray]:
-    weights = [u.weight for u in updates]
-    return [np.average(np.stack(layer), axis=0, weights=weights).astype(np.float32)
-            for layer in zip(*(u.arrays for u in updates), strict=True)]
-
-
-def _contributions(run: RunFolder, server_round: int, train: Replies,
-                   global_arrays: list[np.ndarray], config: RunConfig,
-                   central: CentralDP | None) -> tuple[list[SiteUpdate], int]:
+def _contributions(run: RunFolder, server_round: int, train: Replies, pool: UpdatePool,
+                   config: RunConfig, central: CentralDP | None
+                   ) -> tuple[list[SiteUpdate], int]:
     """What the strategy aggregates, and how many sites' updates it holds."""
+    for node, status in sorted(train.statuses.items()):
+        if status.startswith("rejected-"):
+            run.audit.append("update-rejected", run_id=run.run_id, round=server_round,
+                             node_id=node, reason=status)
+            LOG.warning("round %d: update of node %d rejected (%s)", server_round, node,
+                        status)
     if config.secagg.enabled:
         counted = sum(1 for s in train.statuses.values() if s == keys.STATUS_OK)
         updates = [] if train.update is None else [SiteUpdate(0, train.update, 1.0)]
     else:
-        updates = _screened(run, server_round, train, global_arrays, config)
-        counted = len(updates)
+        counted = pool.count
+        updates = pool.contributions()
     if updates and central is not None:  # noise on the mean of the clipped updates
-        mean = train.update if config.secagg.enabled else _mean(updates)
+        mean = train.update if config.secagg.enabled else pool.mean()
         assert mean is not None
         check_finite(mean)
         central.privatise(mean, counted)
@@ -223,13 +206,15 @@ def main(grid: Grid, context: Context) -> None:
             run.audit.append("global-model-sent", run_id=run.run_id, round=server_round,
                              nodes=len(node_ids), bytes=sum(a.nbytes for a in global_arrays),
                              sha256=digest(b"".join(a.tobytes() for a in global_arrays)))
+            pool = UpdatePool(global_arrays, max_norm=config.faults.max_update_norm,
+                              keep=aggregator.needs_every_update or config.faults.cross_site,
+                              uniform=central is not None)
             train = train_round(grid, context, config, server_round=server_round,
                                 global_arrays=global_arrays, node_ids=node_ids,
                                 signature=sign_model(signer, global_arrays, context.run_id,
-                                                     server_round, "train"))
+                                                     server_round, "train"), pool=pool)
             names.update({n: s for n, s in train.site_ids.items() if n not in registered})
-            updates, counted = _contributions(run, server_round, train, global_arrays,
-                                              config, central)
+            updates, counted = _contributions(run, server_round, train, pool, config, central)
             if not updates or counted < k:  # recorded (who refused, who dropped), then stop
                 run.record_round(RoundRecord(
                     server_round=server_round, wall_seconds=time.perf_counter() - start,
@@ -285,8 +270,7 @@ def main(grid: Grid, context: Context) -> None:
             if config.faults.cross_site and server_round == config.num_rounds:
                 run.write_json("cross-site.json", _cross_site(
                     grid, context, config, signer, server_round, global_arrays, sent=sent,
-                    updates=[u for u in train.updates
-                             if train.statuses.get(u.node_id) == keys.STATUS_OK],
+                    updates=pool.contributions(),
                     node_ids=node_ids, names=names))
             failed = {names.get(n, f"node-{n}"): s for n, s in train.statuses.items()
                       if s != keys.STATUS_OK}

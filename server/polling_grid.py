@@ -14,13 +14,14 @@ that refuses to train for its privacy budget must be recorded as such.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 POLL_SECONDS = 0.2
+PULL_CHUNK = 4  # replies pulled per request: bounds how many are held at once
 
 
 class PollingGrid(Grid):  # type: ignore[misc]
@@ -65,14 +66,20 @@ class PollingGrid(Grid):  # type: ignore[misc]
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         """Push, then pull every `interval` until all replies are in or `timeout` passes."""
-        pending = set(self.push_messages(messages))
+        return list(self.stream(messages, timeout=timeout))
+
+    def stream(self, messages: Iterable[Message], *, timeout: float | None = None,
+               chunk: int = PULL_CHUNK) -> Iterator[Message]:
+        """As send_and_receive, but yields each reply as it is pulled, pulling at most
+        `chunk` at a time: a caller that folds and drops replies holds `chunk` of them."""
+        pending = list(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
         while pending:
-            received = list(self.pull_messages(pending))
-            replies.extend(received)
-            pending.difference_update(m.metadata.reply_to_message_id for m in received)
+            asked = list(pending)
+            for start in range(0, len(asked), chunk):
+                for reply in self.pull_messages(asked[start:start + chunk]):
+                    pending.remove(reply.metadata.reply_to_message_id)
+                    yield reply
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self._interval)
-        return replies

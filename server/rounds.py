@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from common import keys
 from common.config import RunConfig
 from common.secagg import run_secagg_round
-from server.aggregation import REJECTED_MALFORMED, SiteUpdate
+from server.aggregation import REJECTED_MALFORMED, SiteUpdate, UpdatePool
 from server.polling_grid import PollingGrid
 
 LOG = logging.getLogger("fedrad.server")
@@ -32,7 +32,6 @@ class Replies:
     site_ids: dict[int, str] = field(default_factory=dict)
     statuses: dict[int, str] = field(default_factory=dict)
     update: list[np.ndarray] | None = None  # SecAgg+: the mean update, all the server sees
-    updates: list[SiteUpdate] = field(default_factory=list)  # without: each site's own
 
 
 def _status_of_error(code: int) -> str:
@@ -73,8 +72,9 @@ def _collect(replies: list[Message], out: Replies, node_ids: list[int]) -> None:
 
 def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, server_round: int,
                 global_arrays: list[np.ndarray], node_ids: list[int],
-                signature: bytes) -> Replies:
-    """Ask every node to train; return the weighted mean update and per-site numbers."""
+                signature: bytes, pool: UpdatePool) -> Replies:
+    """Ask every node to train. SecAgg+: the mean update; otherwise each update goes to
+    `pool` as it arrives (screened; a rejection becomes the site's status)."""
     out = Replies()
     if config.secagg.enabled:
         grid.take_error_codes()
@@ -95,23 +95,23 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
                     else "dropped"
         out.update = outcome.aggregate
         return out
-    messages = [
-        Message(_request(global_arrays, server_round, signature), dst_node_id=node,
-                message_type=MessageType.TRAIN, group_id=str(server_round))
-        for node in node_ids
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
-    _collect(replies, out, node_ids)
-    for reply in replies:
+    request = _request(global_arrays, server_round, signature)  # one copy for all sites
+    messages = [Message(request, dst_node_id=node, message_type=MessageType.TRAIN,
+                        group_id=str(server_round)) for node in node_ids]
+    for reply in grid.stream(messages, timeout=config.round_timeout):
+        _collect([reply], out, node_ids)
         node = reply.metadata.src_node_id
-        if node in out.metrics and not reply.has_error():
-            records = reply.content.array_records
-            arrays = ([np.asarray(a, dtype=np.float32) for a in  # float16 travels too
-                       records[keys.UPDATE].to_numpy_ndarrays()]
-                      if keys.UPDATE in records else [])
-            out.updates.append(SiteUpdate(node, arrays,
-                                          out.metrics[node].get(keys.NUM_EXAMPLES, 0.0)))
-    out.updates.sort(key=lambda u: u.node_id)  # arrival order must not change the sum
+        if out.statuses.get(node) != keys.STATUS_OK:
+            continue
+        records = reply.content.array_records
+        arrays = ([np.asarray(a, dtype=np.float32) for a in  # float16 travels too
+                   records[keys.UPDATE].to_numpy_ndarrays()]
+                  if keys.UPDATE in records else [])
+        del reply, records  # the pool keeps what it needs (a running sum, or the update)
+        rejected = pool.add(SiteUpdate(node, arrays, out.metrics[node].get(
+            keys.NUM_EXAMPLES, 0.0)))
+        if rejected is not None:
+            out.statuses[node] = rejected
     for node in node_ids:
         out.statuses.setdefault(node, "no-reply")
     return out

@@ -13,6 +13,7 @@ from server.aggregation import (
     REJECTED_WEIGHT,
     Aggregator,
     SiteUpdate,
+    UpdatePool,
     screen_update,
 )
 
@@ -119,3 +120,27 @@ def test_strategy_settings_that_would_protect_or_aggregate_less_are_refused(
 def test_evaluation_every_n_rounds_includes_the_last() -> None:
     config = RunConfig.from_mapping({"num-rounds": 5, "evaluate-every": 2})
     assert [r for r in range(1, 6) if config.should_evaluate(r)] == [2, 4, 5]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_update_pool_gives_the_weighted_mean_whether_it_keeps_or_folds(keep: bool) -> None:
+    updates = _updates(seed=3)
+    pool = UpdatePool(GLOBAL, max_norm=0.0, keep=keep, uniform=False)
+    for update in reversed(updates):  # arrival order does not matter
+        assert pool.add(update) is None
+    assert pool.add(SiteUpdate(9, [np.full(12, np.nan, np.float32)], 1.0)) == REJECTED_NOT_FINITE
+    expected = np.average([u.arrays[0] for u in updates], axis=0,
+                          weights=[u.weight for u in updates])
+    np.testing.assert_allclose(pool.mean()[0], expected, rtol=1e-6)
+    assert pool.count == 4
+    assert len(pool.contributions()) == (4 if keep else 1)
+    assert len(pool.kept) == (4 if keep else 0)  # folding holds no update
+
+
+def test_a_uniform_pool_weighs_every_site_the_same() -> None:
+    updates = _updates(seed=4)
+    pool = UpdatePool(GLOBAL, max_norm=0.0, keep=False, uniform=True)
+    for update in updates:
+        pool.add(update)
+    np.testing.assert_allclose(pool.mean()[0], np.mean([u.arrays[0] for u in updates], axis=0),
+                               rtol=1e-6)

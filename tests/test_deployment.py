@@ -97,7 +97,9 @@ def test_no_canary_leaves_a_site(demo) -> None:
 @pytest.mark.deployment
 def test_report_is_written(demo) -> None:
     html = demo.report.read_text()
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/png;base64,") == 4  # score, loss, participation, ε
+    for chart in ("per site per round", "training loss", "participation", "privacy spent"):
+        assert chart in html
     assert "completed" in html and f"{ROUNDS} of {ROUNDS} rounds" in html
 
 

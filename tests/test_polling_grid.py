@@ -67,3 +67,21 @@ def test_error_codes_are_remembered_per_node_until_taken() -> None:
     assert len(replies) == 3
     assert grid.take_error_codes() == {2: 1002}
     assert grid.take_error_codes() == {}
+
+
+def test_stream_pulls_at_most_a_chunk_and_yields_before_the_rest_is_pulled() -> None:
+    class Counting(FakeGrid):
+        def __init__(self) -> None:
+            super().__init__(delay=0.0)
+            self.asked: list[int] = []
+
+        def pull_messages(self, ids):
+            self.asked.append(len(list(ids)))
+            return super().pull_messages(ids)
+
+    fake = Counting()
+    stream = PollingGrid(fake, interval=0.05).stream(list(range(1, 11)), timeout=5, chunk=3)
+    first = next(stream)
+    assert first.metadata.reply_to_message_id == "id-1" and fake.asked == [3]
+    rest = list(stream)
+    assert len(rest) == 9 and max(fake.asked) <= 3 and len(fake.asked) == 4  # 3+3+3+1
