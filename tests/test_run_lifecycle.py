@@ -28,7 +28,7 @@ from server.registry import RunFolder
 FEDRAD = [sys.executable, "-m", "fedrad.cli"]
 DATA = {"site-1": "hospital-a", "site-2": "hospital-b", "site-3": "hospital-c"}
 SETS = ["num-rounds=4", "min-sites=3", "min-train-sites=2", "secagg-enabled=false",
-        "image-size=32", "local-epochs=1", "round-timeout=20.0", "learning-rate=0.01"]
+        "image-size=32", "local-epochs=1", "round-timeout=30.0", "learning-rate=0.01"]
 
 
 def _wait(condition, timeout: float, what: str) -> None:
