@@ -40,6 +40,9 @@ LOG = logging.getLogger("fedrad.server")
 app = ServerApp()
 
 
+LOST = frozenset({"no-reply", "dropped"})  # train statuses of a site that did not answer
+
+
 class RunAborted(RuntimeError):
     """The run cannot go on (too few sites, no aggregate)."""
 
@@ -232,10 +235,13 @@ def main(grid: Grid, context: Context) -> None:
             step = [n - g for n, g in zip(new_global, global_arrays, strict=True)]
             global_arrays = new_global
             evaluation = Replies()
-            if config.should_evaluate(server_round):
+            # A site that did not answer the training request is gone for this round:
+            # asking it to evaluate would only wait out the deadline a second time.
+            alive = [n for n in node_ids if train.statuses.get(n) not in LOST]
+            if config.should_evaluate(server_round) and alive:
                 evaluation = evaluate_round(
                     grid, config, server_round=server_round, global_arrays=global_arrays,
-                    node_ids=node_ids, signature=sign_model(signer, global_arrays,
+                    node_ids=alive, signature=sign_model(signer, global_arrays,
                                                             context.run_id, server_round,
                                                             "evaluate"))
             names.update({n: s for n, s in evaluation.site_ids.items() if n not in registered})
@@ -271,7 +277,7 @@ def main(grid: Grid, context: Context) -> None:
                 run.write_json("cross-site.json", _cross_site(
                     grid, context, config, signer, server_round, global_arrays, sent=sent,
                     updates=pool.contributions(),
-                    node_ids=node_ids, names=names))
+                    node_ids=alive, names=names))
             failed = {names.get(n, f"node-{n}"): s for n, s in train.statuses.items()
                       if s != keys.STATUS_OK}
             LOG.info("round %d/%d: %d/%d sites counted%s, pooled %s %.3f, ε %s, wall %.1fs, "
