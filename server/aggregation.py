@@ -99,10 +99,13 @@ class UpdatePool:
         if self.keep:
             self.kept.append(update)
             return None
-        if self._sum is None:  # float32, in place: one model-sized sum, no temporaries
-            self._sum = [np.zeros_like(a, dtype=np.float32) for a in self.layout]
+        if self._sum is None:
+            # float64: each float32 x weight term is exact and the sum rounds far below
+            # float32's precision, so the mean does not depend on the order replies
+            # arrived in (a resumed run equals an unbroken one)
+            self._sum = [np.zeros_like(a, dtype=np.float64) for a in self.layout]
         for total, array in zip(self._sum, update.arrays, strict=True):
-            total += np.multiply(array, np.float32(weight), dtype=np.float32)
+            total += np.multiply(array, weight, dtype=np.float64)
         return None
 
     def mean(self) -> list[np.ndarray]:
@@ -114,7 +117,7 @@ class UpdatePool:
             return [np.average(np.stack(layer), axis=0, weights=weights).astype(np.float32)
                     for layer in zip(*(u.arrays for u in self.kept), strict=True)]
         assert self._sum is not None
-        return [total / np.float32(self._weight) for total in self._sum]
+        return [(total / self._weight).astype(np.float32) for total in self._sum]
 
     def contributions(self) -> list[SiteUpdate]:
         """What the strategy aggregates: every update (in node order), or their mean."""
