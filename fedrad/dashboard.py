@@ -51,19 +51,11 @@ class _Online:
             return self._value
 
 
-def _runs(home: ServerHome) -> list[RunFolder]:
-    root = home.root / "runs"
-    folders = [p for p in root.glob("*") if (p / "registry.json").exists()] \
-        if root.exists() else []
-    return [RunFolder(p) for p in sorted(folders, key=lambda p: (len(p.name), p.name),
-                                         reverse=True)]
-
-
 def index_page(home: ServerHome, online: dict[int, str] | None) -> str:
     body = ["<h1>fedrad server</h1>", "<h2>Runs</h2>", "<table><tr><th>run</th><th>status"
             "</th><th>rounds</th><th>strategy</th><th>task</th><th>last pooled score</th></tr>"]
     epsilon: dict[str, float] = {}
-    for run in _runs(home):
+    for run in reversed(RunFolder.all(home.root)):  # newest first
         registry = run.read_json("registry.json")
         config = run.read_json("config.json") or {}
         rows = run.rounds()

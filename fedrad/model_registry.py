@@ -51,13 +51,6 @@ class ModelRef:
         return f"{self.run_id}:{self.server_round}"
 
 
-def _runs(home: Path) -> list[RunFolder]:
-    root = home / "runs"
-    folders = sorted((p for p in root.glob("*") if (p / "registry.json").exists()),
-                     key=lambda p: (len(p.name), p.name)) if root.exists() else []
-    return [RunFolder(p) for p in folders]
-
-
 def resolve(home: Path, name: str) -> tuple[RunFolder, ModelRef]:
     """`RUN` or `RUN:ROUND` → the run folder and the checkpoint meant."""
     run_id, _, round_text = name.partition(":")
@@ -128,7 +121,7 @@ def describe(run: RunFolder, ref: ModelRef) -> dict[str, Any]:
 
 def list_models(home: Path, *, all_rounds: bool = False) -> list[dict[str, Any]]:
     out = []
-    for run in _runs(home):
+    for run in RunFolder.all(home):
         registry = run.read_json("registry.json")
         rounds = sorted(int(r) for r in registry["checkpoints"])
         config = run.read_json("config.json")

@@ -114,6 +114,14 @@ class RunFolder:
                                  f"{', '.join(known) or 'none'})")
         return folder
 
+    @classmethod
+    def all(cls, home: Path) -> list[RunFolder]:
+        """Every run folder under the server home, oldest run id first."""
+        root = home / "runs"
+        folders = [p for p in root.glob("*") if (p / "registry.json").exists()] \
+            if root.exists() else []
+        return [cls(p) for p in sorted(folders, key=lambda p: (len(p.name), p.name))]
+
     def last_round(self) -> int:
         """The last round whose checkpoint was saved (0: none yet)."""
         return max((int(r) for r in self.read_json("registry.json")["checkpoints"]), default=0)
