@@ -4,7 +4,8 @@ Opens the kit (sealed kits need the passphrase), installs it in `<work-dir>/kit/
 (mode 0700), checks the site's own settings before anything starts, then runs the
 site worker and a SuperNode with TLS (the consortium CA), the site's node key, and
 `--trusted-entities` (only ClientApp code the consortium signed runs here), and
-supervises both until stopped. The SuperNode's exit ends the command with its code,
+supervises both until stopped. A site restarted after a crash waits until the SuperLink
+lets its node key in again. The SuperNode's exit ends the command with its code,
 so a service manager can restart it.
 """
 
@@ -16,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from client.site_config import SiteConfig
 from common.audit import AuditLog, digest
@@ -29,6 +32,23 @@ class _Stop(Exception):
 
 def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop
+
+
+# A site that died without saying goodbye stays "online" at the SuperLink until
+# HEARTBEAT_PATIENCE heartbeat intervals pass; until then its node key cannot be activated
+# again (Flower's FLEET_NODE_ACTIVATION_FAILED, code 2004). A restarted site waits that out.
+ONLINE_AFTER_DEATH_S = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+REJOIN_PATIENCE_S = ONLINE_AFTER_DEATH_S + 30.0
+REJOIN_RETRY_S = 5.0
+_ACTIVATION_REFUSED = "[code: 2004]"
+
+
+def still_online(log: Path, offset: int) -> bool:
+    """Whether the SuperNode that wrote `log` past `offset` was refused activation because
+    the SuperLink still lists its node key online."""
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        return _ACTIVATION_REFUSED in handle.read().decode("utf-8", "replace")
 
 
 def node_config(kit_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
@@ -65,20 +85,28 @@ def start_site(kit: Kit, values: dict[str, Any], *, superlink: str | None,
             if worker:
                 group.start("worker", proc.worker_command(work_dir=work_dir),
                             log=logs / "worker.log", cwd=work_dir, env={})
-            supernode = group.start(
-                "supernode",
-                proc.supernode_command(
-                    superlink=address, ca_cert=kit_dir / "ca.pem",
-                    auth_key=kit_dir / "node.key", port=proc.free_port(),
-                    node_config=config, trusted_entities=kit_dir / "trusted-entities.yaml"),
-                log=logs / "supernode.log", cwd=work_dir,
-                env={"FLWR_HOME": str(work_dir / "flwr")},
-            )
+            command = proc.supernode_command(
+                superlink=address, ca_cert=kit_dir / "ca.pem", auth_key=kit_dir / "node.key",
+                port=proc.free_port(), node_config=config,
+                trusted_entities=kit_dir / "trusted-entities.yaml")
             say(f"site {site}: SuperNode connecting to {address} (TLS, node key "
                 f"{digest(kit.files['node.pub'])[:12]}, signed apps only); logs in {logs}")
-            while supernode.poll() is None:
-                time.sleep(0.5)
-            say(f"SuperNode exited with {supernode.returncode}; see {logs / 'supernode.log'}")
+            first_try = time.monotonic()
+            while True:
+                log = logs / "supernode.log"
+                offset = log.stat().st_size if log.exists() else 0
+                supernode = group.start("supernode", command, log=log, cwd=work_dir,
+                                        env={"FLWR_HOME": str(work_dir / "flwr")})
+                while supernode.poll() is None:
+                    time.sleep(0.5)
+                if not (still_online(log, offset)
+                        and time.monotonic() - first_try < REJOIN_PATIENCE_S):
+                    break
+                say(f"the SuperLink still lists site {site} online from before it stopped "
+                    f"(it marks a node offline {ONLINE_AFTER_DEATH_S:.0f} s after its last "
+                    f"heartbeat); connecting again in {REJOIN_RETRY_S:.0f} s")
+                time.sleep(REJOIN_RETRY_S)
+            say(f"SuperNode exited with {supernode.returncode}; see {log}")
             return int(supernode.returncode)
     except (_Stop, KeyboardInterrupt):
         say(f"stopping site {site}")

@@ -103,8 +103,7 @@ def federation(tmp_path_factory, phantom_sites):
                                log=tmp / f"{site}.log", cwd=tmp, env={}, grace=30.0)
 
         sites = {site: start_site(site) for site in DATA}
-        _wait(lambda: sum(n["status"] == "online" for n in proc.flwr_json(
-            home.cli_home, "supernode", "ls")["nodes"]) == 3, 120, "three sites online")
+        _wait(lambda: _online({"home": home}) == 3, 120, "three sites online")
         yield {"home": home, "folder": consortium.folder, "server": server, "sites": sites,
                "start_site": start_site, "tmp": tmp}
 
@@ -118,13 +117,18 @@ def _launch(federation, *extra: str) -> tuple[str, Path]:
     return run_id, federation["home"].root / "runs" / run_id
 
 
+def _online(federation) -> int:
+    nodes = proc.flwr_json(federation["home"].cli_home, "supernode", "ls")["nodes"]
+    return sum(n["status"] == "online" for n in nodes)
+
+
 def _finished(federation, run_id: str) -> str:
     return proc.run_status(federation["home"].cli_home, run_id)
 
 
 @pytest.mark.deployment
 def test_a_site_killed_mid_round_is_recorded_and_rejoins_later(federation) -> None:
-    run_id, run_dir = _launch(federation)
+    run_id, run_dir = _launch(federation, "num-rounds=6")
     _wait(lambda: len(_rows(run_dir)) >= 1, 240, "round 1")
     # Round 1 is recorded just before round 2's requests go out; a SuperNode takes seconds
     # (its poll, a ClientApp process) to pick one up, so site-3 dies holding round 2's.
@@ -132,30 +136,37 @@ def test_a_site_killed_mid_round_is_recorded_and_rejoins_later(federation) -> No
     for pid in [site_3.pid, *_children(site_3.pid)]:  # the host dies: SuperNode, worker, all
         os.kill(pid, signal.SIGKILL)
     site_3.wait(timeout=30)
-    _wait(lambda: len(_rows(run_dir)) >= 2, 240, "round 2 to complete without site-3")
+    # Restarted at once, the site is refused until the SuperLink marks the dead node offline
+    # (two missed heartbeats: 30 to 60 s from now); `fedrad site start` waits that out.
     federation["sites"]["site-3"] = federation["start_site"]("site-3")
+    _wait(lambda: len(_rows(run_dir)) >= 2, 240, "round 2 to complete without site-3")
+    _wait(lambda: _online(federation) == 3 and len(_rows(run_dir)) >= 3, 240, "site-3 back")
+    back_after = len(_rows(run_dir)) + 1  # rounds after this one started with site-3 online
     _wait(lambda: _finished(federation, run_id).startswith("finished"), 600, "the run")
     assert _finished(federation, run_id) == "finished:completed"
+    assert federation["sites"]["site-3"].poll() is None, "the restarted site gave up"
 
     rows = _rows(run_dir)
-    assert [r["server_round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["server_round"] for r in rows] == [1, 2, 3, 4, 5, 6]
     site_3_rounds = [r["sites"].get("site-3", {}).get("status", "-") for r in rows]
     assert site_3_rounds[0] == "ok" and site_3_rounds[1] != "ok"
-    assert site_3_rounds[-1] == "ok", site_3_rounds  # back by the last round
+    assert back_after < 6, f"site-3 came back too late to test its return: {site_3_rounds}"
+    assert all(s == "ok" for s in site_3_rounds[back_after:]), site_3_rounds
     assert rows[1]["sites_trained"] == 2
-    assert all(rows[i]["sites"][s]["status"] == "ok" for i in range(4)
+    assert all(rows[i]["sites"][s]["status"] == "ok" for i in range(6)
                for s in ("site-1", "site-2"))
+    assert "connecting again" in (federation["tmp"] / "site-3.log").read_text()
     status = _fedrad("run", "status", run_id, "--json", folder=federation["folder"])
     assert status.returncode == 0, status.stderr
     table = json.loads(status.stdout)
     assert table["participation"]["site-3"] == site_3_rounds
-    assert table["rounds_done"] == 4 and table["folder_status"] == "completed"
+    assert table["rounds_done"] == 6 and table["folder_status"] == "completed"
     assert set(table["epsilon"]) == set(DATA)  # DP on: ε per site recorded
     listed = json.loads(_fedrad("run", "list", "--json", folder=federation["folder"]).stdout)
-    assert {"run_id": run_id, "rounds_done": 4} .items() <= next(
+    assert {"run_id": run_id, "rounds_done": 6}.items() <= next(
         r for r in listed if r["run_id"] == run_id).items()
     log = _fedrad("run", "logs", run_id, folder=federation["folder"])
-    assert "round 4/4" in log.stdout
+    assert "round 6/6" in log.stdout
 
     # The dashboard of the live server: every site online again, this run listed.
     port = proc.free_port()
