@@ -9,6 +9,8 @@ backward (oneDNN on CPU, cuDNN on GPU): sample n's gradient is group n's. Same
 numbers as Opacus, up to float summation order; 1x1 convolutions keep Opacus'
 sampler (no unfold there, and its einsum is faster). ConvTranspose layers, which
 Opacus has no sampler for (it falls back to functorch), get the same treatment.
+GroupNorm's per-sample affine gradients are one batched dot product instead of a
+product tensor and a sum.
 
 `install()` registers these through Opacus' public `register_grad_sampler`; it is
 called once by client.training. tests/test_dp_samplers.py checks them against
@@ -28,8 +30,10 @@ from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
 )
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from opacus.grad_sample.utils import register_grad_sampler
 from torch import nn
+from torch.nn import functional as F
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -104,26 +108,48 @@ def conv_transpose_grad_sample(layer: Any, activations: list[torch.Tensor],
     return out
 
 
+def group_norm_grad_sample(layer: Any, activations: list[torch.Tensor],
+                           backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
+    """Per-sample gradients of a GroupNorm's affine weight and bias.
+
+    Opacus multiplies the normalised input by the output gradient into a new tensor,
+    then sums it; here one batched dot product per (sample, channel) does both
+    without the intermediate.
+    """
+    out: dict[Any, torch.Tensor] = {}
+    n, c = backprops.shape[:2]
+    grads = backprops.reshape(n, c, -1)
+    if layer.weight is not None and layer.weight.requires_grad:
+        normalised = F.group_norm(activations[0], layer.num_groups, eps=layer.eps)
+        out[layer.weight] = torch.einsum("ncl,ncl->nc", normalised.reshape(n, c, -1), grads)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = grads.sum(dim=2)
+    return out
+
+
 def install() -> None:
     """Register the samplers with Opacus (idempotent)."""
     register_grad_sampler(list(_CONV))(conv_grad_sample)
     register_grad_sampler(list(_TRANSPOSED))(conv_transpose_grad_sample)
+    register_grad_sampler([nn.GroupNorm])(group_norm_grad_sample)
 
 
 @contextmanager
 def opacus_defaults() -> Iterator[None]:
     """Opacus' own samplers inside the block (bench/dp_overhead.py compares both)."""
     registries = (GradSampleHooks.GRAD_SAMPLERS, GradSampleHooksFastGradientClipping.GRAD_SAMPLERS)
-    saved = [{k: r[k] for k in (*_CONV, *_TRANSPOSED) if k in r} for r in registries]
+    ours = (*_CONV, *_TRANSPOSED, nn.GroupNorm)
+    saved = [{k: r[k] for k in ours if k in r} for r in registries]
     for registry in registries:
-        for layer_type in (*_CONV, *_TRANSPOSED):
+        for layer_type in ours:
             registry.pop(layer_type, None)
         for layer_type in _CONV:
             registry[layer_type] = compute_conv_grad_sample
+        registry[nn.GroupNorm] = compute_group_norm_grad_sample
     try:
         yield
     finally:
         for registry, entries in zip(registries, saved, strict=True):
-            for layer_type in (*_CONV, *_TRANSPOSED):
+            for layer_type in ours:
                 registry.pop(layer_type, None)
             registry.update(entries)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client import dp_samplers
 from client.dataset import SiteDataset
+from client.dp_optimizer import fuse
 from common import keys
 from common.config import Optimizer, RunConfig, Strategy, Task
 from common.models import build_model
@@ -200,6 +201,7 @@ class LocalAlgo:
                 max_grad_norm=max_grad_norm or self.config.dp.max_grad_norm,
                 poisson_sampling=True,
             )
+            optimizer = fuse(optimizer)  # same step as Opacus', its loops paid once
         model.train()
         proximal = _Proximal.of(self.config, model)
         losses: list[float] = []

@@ -166,6 +166,7 @@ class FaultConfig:
     max_update_norm: float  # an update with a larger L2 norm is rejected; 0 = no bound
     evaluate_every: int  # federated evaluation every N rounds (and always the last)
     cross_site: bool  # after the last round: every site's local model at every site
+    max_in_flight: int  # training requests out at once (the next goes as a reply comes); 0 = all
 
     def __post_init__(self) -> None:
         if not self.max_update_norm >= 0:
@@ -248,6 +249,7 @@ class RunConfig:
                 max_update_norm=get.number("max-update-norm"),
                 evaluate_every=get.integer("evaluate-every", minimum=1),
                 cross_site=get.boolean("cross-site-validation"),
+                max_in_flight=get.integer("max-sites-in-flight", minimum=0),
             ),
             dp=DPConfig(
                 enabled=get.boolean("dp-enabled"),
@@ -350,6 +352,11 @@ def _check_strategy(config: RunConfig) -> None:
             "max-update-norm needs each site's own update, which SecAgg+ hides (SecAgg+ "
             "bounds updates with secagg-clipping-range instead); set max-update-norm = 0 "
             "or secagg-enabled=false")
+    if config.faults.max_in_flight and config.secagg.enabled:
+        raise ConfigError(
+            "max-sites-in-flight sends training requests a few at a time, and SecAgg+ needs "
+            "every site in the same exchange to mask; set max-sites-in-flight = 0 or "
+            "secagg-enabled=false")
     if name is Strategy.KRUM:
         # Krum scores an update by its n-f-2 nearest others: at least one must remain.
         # (Its worst-case guarantee of Blanchard et al. needs n >= 2f+3.)
@@ -392,6 +399,7 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "max-update-norm": ("faults", "max_update_norm"),
     "evaluate-every": ("faults", "evaluate_every"),
     "cross-site-validation": ("faults", "cross_site"),
+    "max-sites-in-flight": ("faults", "max_in_flight"),
     "dp-enabled": ("dp", "enabled"),
     "dp-target-epsilon": ("dp", "target_epsilon"),
     "dp-delta": ("dp", "delta"),
@@ -438,6 +446,7 @@ _DEFAULTS: dict[str, Any] = {
     "max-update-norm": 0.0,
     "evaluate-every": 1,
     "cross-site-validation": False,
+    "max-sites-in-flight": 0,
     "dp-enabled": True,
     "dp-target-epsilon": 8.0,
     "dp-delta": "auto",

@@ -294,7 +294,7 @@ def main(grid: Grid, context: Context) -> None:
         LOG.info("report: %s", report)
 
 
-def _cross_site(grid: Grid, context: Context, config: RunConfig, signer: Ed25519PrivateKey,
+def _cross_site(grid: PollingGrid, context: Context, config: RunConfig, signer: Ed25519PrivateKey,
                 server_round: int, global_arrays: list[np.ndarray], *,
                 sent: list[np.ndarray], updates: list[SiteUpdate], node_ids: list[int],
                 names: dict[int, str]) -> dict[str, dict[str, dict[str, float]]]:

@@ -69,16 +69,28 @@ class PollingGrid(Grid):  # type: ignore[misc]
         return list(self.stream(messages, timeout=timeout))
 
     def stream(self, messages: Iterable[Message], *, timeout: float | None = None,
-               chunk: int = PULL_CHUNK) -> Iterator[Message]:
+               chunk: int = PULL_CHUNK, window: int = 0) -> Iterator[Message]:
         """As send_and_receive, but yields each reply as it is pulled, pulling at most
-        `chunk` at a time: a caller that folds and drops replies holds `chunk` of them."""
-        pending = list(self.push_messages(messages))
+        `chunk` at a time: a caller that folds and drops replies holds `chunk` of them.
+
+        With `window` > 0 at most that many messages are out at once and the next is
+        pushed as a reply comes in, so the messages waiting in the SuperLink (and, in
+        Flower's simulation engine, in this process) stay at `window` however many sites
+        there are. A message not yet pushed at `timeout` is never sent.
+        """
+        queue = list(messages)
+        window = window or len(queue)
+        pending = list(self.push_messages(queue[:window]))
+        queue = queue[window:]
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             asked = list(pending)
             for start in range(0, len(asked), chunk):
                 for reply in self.pull_messages(asked[start:start + chunk]):
                     pending.remove(reply.metadata.reply_to_message_id)
+                    if queue:
+                        pending += self.push_messages(queue[:1])
+                        del queue[:1]
                     yield reply
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break

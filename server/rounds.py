@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 
 from common import keys
 from common.config import RunConfig
@@ -98,7 +97,8 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
     request = _request(global_arrays, server_round, signature)  # one copy for all sites
     messages = [Message(request, dst_node_id=node, message_type=MessageType.TRAIN,
                         group_id=str(server_round)) for node in node_ids]
-    for reply in grid.stream(messages, timeout=config.round_timeout):
+    for reply in grid.stream(messages, timeout=config.round_timeout,
+                             window=config.faults.max_in_flight):
         _collect([reply], out, node_ids)
         node = reply.metadata.src_node_id
         if out.statuses.get(node) != keys.STATUS_OK:
@@ -117,17 +117,16 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
     return out
 
 
-def evaluate_round(grid: Grid, config: RunConfig, *, server_round: int,
+def evaluate_round(grid: PollingGrid, config: RunConfig, *, server_round: int,
                    global_arrays: list[np.ndarray], node_ids: list[int],
                    signature: bytes) -> Replies:
     """Evaluate the global model at every node on its held-out patients."""
-    messages = [
-        Message(_request(global_arrays, server_round, signature), dst_node_id=node,
-                message_type=MessageType.EVALUATE, group_id=str(server_round))
-        for node in node_ids
-    ]
+    request = _request(global_arrays, server_round, signature)  # one copy for all sites
+    messages = [Message(request, dst_node_id=node, message_type=MessageType.EVALUATE,
+                        group_id=str(server_round)) for node in node_ids]
     out = Replies()
-    _collect(list(grid.send_and_receive(messages, timeout=config.round_timeout)), out, node_ids)
+    _collect(list(grid.stream(messages, timeout=config.round_timeout,
+                              window=config.faults.max_in_flight)), out, node_ids)
     for node in node_ids:
         out.statuses.setdefault(node, "no-reply")
     return out

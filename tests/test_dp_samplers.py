@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from client.dp_samplers import conv_grad_sample, conv_transpose_grad_sample
+from client.dp_samplers import (
+    conv_grad_sample,
+    conv_transpose_grad_sample,
+    group_norm_grad_sample,
+)
 
 CONVS = [
     nn.Conv2d(3, 5, 3, padding=1),
@@ -65,6 +70,25 @@ def test_conv_transpose_samples_equal_functorch(layer) -> None:
         torch.testing.assert_close(ours[param], reference[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [nn.GroupNorm(4, 8), nn.GroupNorm(2, 6), nn.GroupNorm(1, 3)],
+                         ids=repr)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_group_norm_samples_equal_opacus(layer, dims) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():  # not the identity affine it starts with
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(5, layer.num_channels, *([7] * dims)) * 3 + 1
+    grad_out = torch.randn_like(layer(x))
+    ours = group_norm_grad_sample(layer, [x], grad_out)
+    theirs = compute_group_norm_grad_sample(layer, [x], grad_out)
+    assert set(ours) == set(theirs) == {layer.weight, layer.bias}
+    for param in theirs:
+        torch.testing.assert_close(ours[param], theirs[param], rtol=1e-5, atol=1e-5)
+    reference = _functorch_per_sample(layer, x, grad_out)
+    torch.testing.assert_close(ours[layer.weight], reference["weight"], rtol=1e-4, atol=1e-4)
+
+
 def test_empty_batch_gives_zero_samples() -> None:
     layer = TRANSPOSED[0]
     x = torch.zeros(0, 4, 9, 9)
@@ -82,5 +106,7 @@ def test_opacus_defaults_are_restored_around_a_block() -> None:
     with dp_samplers.opacus_defaults():
         assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is compute_conv_grad_sample
         assert nn.ConvTranspose2d not in GradSampleHooks.GRAD_SAMPLERS
+        assert GradSampleHooks.GRAD_SAMPLERS[nn.GroupNorm] is compute_group_norm_grad_sample
     assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is conv_grad_sample
     assert GradSampleHooks.GRAD_SAMPLERS[nn.ConvTranspose2d] is conv_transpose_grad_sample
+    assert GradSampleHooks.GRAD_SAMPLERS[nn.GroupNorm] is group_norm_grad_sample

@@ -85,3 +85,40 @@ def test_stream_pulls_at_most_a_chunk_and_yields_before_the_rest_is_pulled() -> 
     assert first.metadata.reply_to_message_id == "id-1" and fake.asked == [3]
     rest = list(stream)
     assert len(rest) == 9 and max(fake.asked) <= 3 and len(fake.asked) == 4  # 3+3+3+1
+
+
+def test_a_window_keeps_at_most_that_many_messages_out_and_sends_every_one() -> None:
+    class Tracking(FakeGrid):
+        def __init__(self) -> None:
+            super().__init__(delay=0.0)
+            self.out: set[str] = set()
+            self.most_out = 0
+            self.order: list[str] = []
+
+        def push_messages(self, messages):
+            ids = list(super().push_messages(messages))
+            self.out |= set(ids)
+            self.most_out = max(self.most_out, len(self.out))
+            return ids
+
+        def pull_messages(self, ids):
+            replies = list(super().pull_messages(ids))
+            for reply in replies:
+                self.out.discard(reply.metadata.reply_to_message_id)
+                self.order.append(reply.metadata.reply_to_message_id)
+            return replies
+
+    for window, most in ((2, 2), (1, 1), (0, 7)):
+        fake = Tracking()
+        replies = list(PollingGrid(fake, interval=0.01).stream(list(range(1, 8)), timeout=5,
+                                                               window=window))
+        assert sorted(r.metadata.src_node_id for r in replies) == list(range(1, 8))
+        assert fake.most_out == most, window
+    assert fake.order == [f"id-{i}" for i in range(1, 8)]
+
+
+def test_a_window_stops_sending_at_the_timeout() -> None:
+    fake = FakeGrid(delay=0.0, never={"id-1"})  # site 1 never answers and holds the window
+    start = time.monotonic()
+    replies = list(PollingGrid(fake, interval=0.05).stream([1, 2, 3], timeout=0.3, window=1))
+    assert replies == [] and 0.3 <= time.monotonic() - start < 0.6

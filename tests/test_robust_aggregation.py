@@ -88,3 +88,34 @@ def test_an_update_beyond_the_norm_bound_is_rejected(tmp_path, phantom_sites,
     assert statuses == {"site-1": "ok", "site-2": "ok", "site-3": "ok",
                         "site-4": "rejected-norm"}
     assert rows[0]["update_norm"] < 50.0
+
+
+def test_sites_asked_one_at_a_time_give_the_same_model(tmp_path, phantom_sites,
+                                                       monkeypatch) -> None:
+    """max-sites-in-flight = 1 (what a 100-site simulation uses to bound server memory)
+    sends one training request per push and reaches the model of all-at-once."""
+    private, public = signing_keys(tmp_path)
+    pushes: dict[str, list[int]] = {}
+    models = {}
+    for name, window in (("all", 0), ("one", 1)):
+        config = {**CONFIG, "num-rounds": 1, "local-epochs": 1, "max-sites-in-flight": window}
+        sites = {node: real_site(node, f"site-{node}", phantom_sites[h],
+                                 tmp_path / name / f"site-{node}", public, config)
+                 for node, h in HOSPITALS.items()}
+
+        counts = pushes.setdefault(name, [])
+
+        class Counting(InProcessGrid):
+            def push_messages(self, messages, counts=counts):
+                messages = list(messages)
+                if messages and messages[0].metadata.message_type == "train":
+                    counts.append(len(messages))
+                return super().push_messages(messages)
+
+        run_dir = run_server(Counting(sites), config, tmp_path / name / "server", private,
+                             monkeypatch)
+        models[name] = RunFolder(run_dir).load_checkpoint(1)
+    assert pushes == {"all": [4], "one": [1, 1, 1, 1]}
+    for key, value in models["all"].items():
+        np.testing.assert_allclose(np.asarray(models["one"][key]), np.asarray(value),
+                                   rtol=1e-6, atol=1e-7, err_msg=key)
