@@ -11,8 +11,10 @@ modes interleaved within each repeat:
 - opacus-hooks: Opacus 1.6 defaults (per-sample gradients by its hooks; im2col for
   convolutions, functorch for layers it has no sampler for, e.g. ConvTranspose);
 - opacus-functorch: `grad_sample_mode="functorch"`;
-- fedrad: Opacus' hooks with fedrad's convolution samplers (client/dp_samplers.py),
-  which is what fedrad trains with.
+- fedrad: what fedrad trains with (client/dp_optimizer.py `make_private`): Opacus'
+  hooks with fedrad's convolution and GroupNorm samplers (client/dp_samplers.py), the
+  fused DP step (client/dp_optimizer.py) and autograd's discarded weight gradients
+  skipped (client/dp_weight_grads.py).
 
 Every DP mode clips per sample (max_grad_norm 1) and adds noise (sigma 1), with fixed
 batches (no Poisson sampling, so the batch size is the same as plain). The last
@@ -31,6 +33,7 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import dp_samplers
+from client.dp_optimizer import make_private
 from common.config import RunConfig
 from common.models import build_model
 
@@ -54,7 +57,11 @@ def _epoch(name: str, mode: str, steps: int) -> float:
     model = build_model(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(images, targets), batch_size=BATCH)
-    if mode != "plain":
+    if mode == "fedrad":
+        model, optimizer, loader = make_private(
+            PrivacyEngine(accountant="rdp"), model, optimizer, loader, noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=False)
+    elif mode != "plain":
         engine = PrivacyEngine(accountant="rdp")
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,

@@ -11,14 +11,17 @@ gives Opacus' result; it walks the parameters once per stage, sums the clipped
 per-sample gradients with a matrix-vector product and scales with one `_foreach_div_`.
 
 `fuse(optimizer)` swaps it in after `PrivacyEngine.make_private`, keeping the
-accountant's step hook. tests/test_dp_optimizer.py checks steps against Opacus'.
+accountant's step hook; `make_private` is fedrad's whole DP-SGD set-up.
+tests/test_dp_optimizer.py checks steps against Opacus'.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from opacus import GradSampleModule, PrivacyEngine
 from opacus.optimizers.optimizer import (
     DPOptimizer,
     _check_processed_flag,
@@ -26,6 +29,7 @@ from opacus.optimizers.optimizer import (
     _mark_as_processed,
 )
 from torch import nn
+from torch.utils.data import DataLoader
 
 
 class FusedDPOptimizer(DPOptimizer):
@@ -76,6 +80,26 @@ class FusedDPOptimizer(DPOptimizer):
         if not self.params:  # no trainable parameters: a plain optimizer
             return True
         return bool(super().pre_step(closure))
+
+
+def make_private(engine: PrivacyEngine, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loader: DataLoader[Any], *, noise_multiplier: float, max_grad_norm: float,
+                 poisson_sampling: bool = True
+                 ) -> tuple[GradSampleModule, FusedDPOptimizer, DataLoader[Any]]:
+    """fedrad's DP-SGD set-up: Opacus' `make_private` (hooks, flat clipping) with
+    fedrad's samplers, the fused step and autograd's discarded weight gradients skipped.
+    What client.training trains with and what the DP property tests check."""
+    from client import dp_samplers
+    from client.dp_weight_grads import skip_weight_grads
+
+    dp_samplers.install()
+    private, dp_optimizer, private_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        poisson_sampling=poisson_sampling, grad_sample_mode="hooks")
+    assert isinstance(private, GradSampleModule)
+    skip_weight_grads(private)
+    return private, fuse(dp_optimizer), private_loader
 
 
 def fuse(optimizer: DPOptimizer) -> FusedDPOptimizer:

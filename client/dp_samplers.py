@@ -10,7 +10,7 @@ numbers as Opacus, up to float summation order; 1x1 convolutions keep Opacus'
 sampler (no unfold there, and its einsum is faster). ConvTranspose layers, which
 Opacus has no sampler for (it falls back to functorch), get the same treatment.
 GroupNorm's per-sample affine gradients are one batched dot product instead of a
-product tensor and a sum.
+product tensor and a sum; PReLU (Opacus: functorch) gets a sampler of its own.
 
 `install()` registers these through Opacus' public `register_grad_sampler`; it is
 called once by client.training. tests/test_dp_samplers.py checks them against
@@ -127,18 +127,35 @@ def group_norm_grad_sample(layer: Any, activations: list[torch.Tensor],
     return out
 
 
+def prelu_grad_sample(layer: Any, activations: list[torch.Tensor],
+                      backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
+    """Per-sample gradients of PReLU's slope(s): the output gradient times the input
+    where the input is negative, summed (per channel when the layer has one slope per
+    channel). Opacus has no sampler for PReLU and falls back to functorch."""
+    weight = layer.weight
+    if not weight.requires_grad:
+        return {}
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    contribution = torch.where(x < 0, x * backprops, torch.zeros((), dtype=x.dtype))
+    if weight.numel() == 1:
+        return {weight: contribution.reshape(n, -1).sum(dim=1).reshape(n, *weight.shape)}
+    return {weight: contribution.reshape(n, weight.numel(), -1).sum(dim=2)}
+
+
 def install() -> None:
     """Register the samplers with Opacus (idempotent)."""
     register_grad_sampler(list(_CONV))(conv_grad_sample)
     register_grad_sampler(list(_TRANSPOSED))(conv_transpose_grad_sample)
     register_grad_sampler([nn.GroupNorm])(group_norm_grad_sample)
+    register_grad_sampler([nn.PReLU])(prelu_grad_sample)
 
 
 @contextmanager
 def opacus_defaults() -> Iterator[None]:
     """Opacus' own samplers inside the block (bench/dp_overhead.py compares both)."""
     registries = (GradSampleHooks.GRAD_SAMPLERS, GradSampleHooksFastGradientClipping.GRAD_SAMPLERS)
-    ours = (*_CONV, *_TRANSPOSED, nn.GroupNorm)
+    ours = (*_CONV, *_TRANSPOSED, nn.GroupNorm, nn.PReLU)
     saved = [{k: r[k] for k in ours if k in r} for r in registries]
     for registry in registries:
         for layer_type in ours:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client import dp_samplers
 from client.dataset import SiteDataset
-from client.dp_optimizer import fuse
+from client.dp_optimizer import make_private
 from common import keys
 from common.config import Optimizer, RunConfig, Strategy, Task
 from common.models import build_model
@@ -193,15 +193,9 @@ class LocalAlgo:
         engine = None
         if noise_multiplier is not None:
             engine = PrivacyEngine(accountant="rdp")
-            model, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm or self.config.dp.max_grad_norm,
-                poisson_sampling=True,
-            )
-            optimizer = fuse(optimizer)  # same step as Opacus', its loops paid once
+            model, optimizer, loader = make_private(
+                engine, model, optimizer, loader, noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm or self.config.dp.max_grad_norm)
         model.train()
         proximal = _Proximal.of(self.config, model)
         losses: list[float] = []

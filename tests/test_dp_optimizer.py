@@ -12,7 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_optimizer import FusedDPOptimizer, fuse
+from client.dp_weight_grads import skip_weight_grads
 from client.training import _noise_only_step
+from common.config import RunConfig
+from common.models import build_model
 
 
 def _model() -> nn.Module:
@@ -22,7 +25,8 @@ def _model() -> nn.Module:
                          nn.Linear(4 * 4 * 4, 3))
 
 
-def _train(fused: bool, *, noise: float, clip: float, secure: bool = False):
+def _train(fused: bool, *, noise: float, clip: float, secure: bool = False,
+           skip: bool = False):
     torch.manual_seed(1)
     data = TensorDataset(torch.randn(24, 1, 8, 8) * 4, torch.randn(24, 3))
     model = copy.deepcopy(_model())
@@ -36,9 +40,14 @@ def _train(fused: bool, *, noise: float, clip: float, secure: bool = False):
     if fused:
         optimizer = fuse(optimizer)
         assert isinstance(optimizer, FusedDPOptimizer)
+    if skip:
+        skip_weight_grads(private)
     for x, y in loader:
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
         nn.functional.mse_loss(private(x), y).backward()
+        params = list(private.parameters())
+        assert all(p.grad_sample is not None for p in params)
+        assert all(p.grad is None for p in params) == skip  # autograd skipped them
         optimizer.step()
     _noise_only_step(private, optimizer)  # an empty Poisson batch
     return {k: v.detach().clone() for k, v in private.state_dict().items()}, engine
@@ -95,3 +104,45 @@ def test_only_flat_clipping_is_fused() -> None:
                                     expected_batch_size=8)
     with pytest.raises(TypeError, match="DPPerLayerOptimizer"):
         fuse(per_layer)
+
+
+def test_skipping_the_discarded_weight_gradients_keeps_every_step() -> None:
+    with_grads, _ = _train(True, noise=1.0, clip=0.05)
+    skipped, engine = _train(True, noise=1.0, clip=0.05, skip=True)
+    for name, value in with_grads.items():
+        torch.testing.assert_close(skipped[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert sum(n for _, _, n in engine.accountant.history) == 4
+
+
+@pytest.mark.parametrize(("task", "model"), [("cxr-classify", "densenet121"),
+                                             ("lung-seg", "unet"), ("lung-seg", "basicunet"),
+                                             ("lung-seg", "segresnet")])
+def test_skipping_weight_gradients_on_fedrads_models(task, model) -> None:
+    """Per-sample gradients of every MONAI layer fedrad trains are the same with the
+    ordinary weight gradients skipped (and the model's input made to need a gradient)."""
+    config = RunConfig.from_mapping({"task": task, "model": model, "image-size": 32})
+    torch.manual_seed(3)
+    x = torch.rand(4, 1, 32, 32)
+    samples = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        net = build_model(config)
+        engine = PrivacyEngine(accountant="rdp")
+        private, _, _ = engine.make_private(
+            module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(x), batch_size=4), noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=False)
+        if skip:
+            skip_weight_grads(private)
+        private.train()
+        private(x).square().mean().backward()
+        samples.append({n: p.grad_sample for n, p in private.named_parameters()})
+        assert all(p.grad is None for p in private.parameters()) == skip
+    assert samples[0].keys() == samples[1].keys()
+    for name, value in samples[0].items():
+        torch.testing.assert_close(samples[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_skipping_needs_opacus_hooks() -> None:
+    with pytest.raises(TypeError, match="GradSampleModule"):
+        skip_weight_grads(_model())  # a plain model would never get gradients

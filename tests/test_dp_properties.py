@@ -1,6 +1,8 @@
-"""DP-SGD as properties (as Opacus' own tests): no noise and no clipping equals plain
-training step for step; clipped per-sample gradients have norm <= C; every model of
-every task builds DP-compatible and takes a DP step."""
+"""DP-SGD as properties (as Opacus' own tests), on fedrad's own DP set-up
+(client.dp_optimizer.make_private: fedrad's samplers, fused step, weight gradients
+skipped): no noise and no clipping equals plain training step for step; clipped
+per-sample gradients have norm <= C; every model of every task builds DP-compatible and
+takes a DP step."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import dp_samplers
+from client.dp_optimizer import make_private
 from common.config import RunConfig
 from common.models import ModelError, build_model, check_dp_compatible
 
@@ -47,9 +50,9 @@ def test_every_model_is_dp_compatible_and_takes_a_dp_step(case) -> None:
     model = build_model(config)
     before = [p.detach().clone() for p in model.parameters()]
     engine = PrivacyEngine(accountant="rdp")
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
+    model, optimizer, loader = make_private(
+        engine, model, torch.optim.SGD(model.parameters(), lr=0.1),
+        DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
         poisson_sampling=False)
     for images, targets in loader:
         optimizer.zero_grad()
@@ -87,10 +90,10 @@ def test_no_noise_and_no_clipping_equals_plain_training(case) -> None:
     private = copy.deepcopy(plain)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
     engine = PrivacyEngine(accountant="rdp")
-    private, private_opt, private_loader = engine.make_private(
-        module=private, optimizer=torch.optim.SGD(private.parameters(), lr=0.05),
-        data_loader=DataLoader(data, batch_size=4), noise_multiplier=0.0,
-        max_grad_norm=1e9, poisson_sampling=False)
+    private, private_opt, private_loader = make_private(
+        engine, private, torch.optim.SGD(private.parameters(), lr=0.05),
+        DataLoader(data, batch_size=4), noise_multiplier=0.0, max_grad_norm=1e9,
+        poisson_sampling=False)
     for (x, y), (px, py) in zip(DataLoader(data, batch_size=4), private_loader, strict=True):
         assert torch.equal(x, px)
         plain_opt.zero_grad()
@@ -116,9 +119,9 @@ def test_clipped_per_sample_gradients_have_norm_at_most_c(case) -> None:
         loss_fn(reference(images), targets).backward()
         unclipped = torch.sqrt(sum((p.grad ** 2).sum() for p in reference.parameters()))
         engine = PrivacyEngine(accountant="rdp")
-        model, optimizer, _ = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-            data_loader=DataLoader(TensorDataset(images, targets), batch_size=1),
+        model, optimizer, _ = make_private(
+            engine, model, torch.optim.SGD(model.parameters(), lr=1.0),
+            DataLoader(TensorDataset(images, targets), batch_size=1),
             noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False)
         optimizer.zero_grad()
         loss_fn(model(images), targets).backward()

@@ -13,6 +13,7 @@ from client.dp_samplers import (
     conv_grad_sample,
     conv_transpose_grad_sample,
     group_norm_grad_sample,
+    prelu_grad_sample,
 )
 
 CONVS = [
@@ -89,6 +90,20 @@ def test_group_norm_samples_equal_opacus(layer, dims) -> None:
     torch.testing.assert_close(ours[layer.weight], reference["weight"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layer", [nn.PReLU(), nn.PReLU(6)], ids=repr)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_prelu_samples_equal_functorch(layer, dims) -> None:
+    torch.manual_seed(2)
+    with torch.no_grad():
+        layer.weight.uniform_(0.1, 0.4)
+    x = torch.randn(5, 6, *([5] * dims))
+    grad_out = torch.randn_like(layer(x))
+    ours = prelu_grad_sample(layer, [x], grad_out)
+    reference = _functorch_per_sample(layer, x, grad_out)
+    assert ours[layer.weight].shape == (5, *layer.weight.shape)
+    torch.testing.assert_close(ours[layer.weight], reference["weight"], rtol=1e-5, atol=1e-5)
+
+
 def test_empty_batch_gives_zero_samples() -> None:
     layer = TRANSPOSED[0]
     x = torch.zeros(0, 4, 9, 9)
@@ -107,6 +122,8 @@ def test_opacus_defaults_are_restored_around_a_block() -> None:
         assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is compute_conv_grad_sample
         assert nn.ConvTranspose2d not in GradSampleHooks.GRAD_SAMPLERS
         assert GradSampleHooks.GRAD_SAMPLERS[nn.GroupNorm] is compute_group_norm_grad_sample
+        assert nn.PReLU not in GradSampleHooks.GRAD_SAMPLERS
     assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is conv_grad_sample
     assert GradSampleHooks.GRAD_SAMPLERS[nn.ConvTranspose2d] is conv_transpose_grad_sample
     assert GradSampleHooks.GRAD_SAMPLERS[nn.GroupNorm] is group_norm_grad_sample
+    assert GradSampleHooks.GRAD_SAMPLERS[nn.PReLU] is prelu_grad_sample
