@@ -6,8 +6,8 @@ input (im2col: kernel-size copies of every activation) and one einsum. For the
 Here the batch is folded into the channel axis and the weight gradient of a
 convolution with `groups = batch x groups` is asked of PyTorch's own convolution
 backward (oneDNN on CPU, cuDNN on GPU): sample n's gradient is group n's. Same
-numbers as Opacus, up to float summation order; 1x1 convolutions keep Opacus'
-sampler (no unfold there, and its einsum is faster). ConvTranspose layers, which
+numbers as Opacus, up to float summation order; a plain 1x1 convolution (no unfold
+needed) is one batched matrix product. ConvTranspose layers, which
 Opacus has no sampler for (it falls back to functorch), get the same treatment.
 GroupNorm's per-sample affine gradients are one batched dot product instead of a
 product tensor and a sum; PReLU (Opacus: functorch) gets a sampler of its own.
@@ -76,14 +76,23 @@ def _bias_grads(layer: Any, grad_out: torch.Tensor) -> dict[Any, torch.Tensor]:
 
 def conv_grad_sample(layer: Any, activations: list[torch.Tensor],
                      backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
-    """Per-sample gradients of a Conv1d/2d/3d (kernel > 1) through a grouped backward."""
+    """Per-sample gradients of a Conv1d/2d/3d: through a grouped backward (kernel > 1), or
+    one batched matrix product (a plain 1x1 convolution)."""
     x = activations[0].to(backprops.dtype)
     pointwise = all(k == 1 for k in layer.kernel_size)
-    if x.shape[0] == 0 or pointwise or not _supported(layer):
+    plain_pointwise = (pointwise and layer.groups == 1 and all(s == 1 for s in layer.stride)
+                       and all(p == 0 for p in layer.padding))
+    if x.shape[0] == 0 or not _supported(layer) or (pointwise and not plain_pointwise):
         return compute_conv_grad_sample(layer, activations, backprops)
     out = _bias_grads(layer, backprops)
     if layer.weight.requires_grad:
-        out[layer.weight] = _weight_grads(layer, x, backprops, transposed=False)
+        if plain_pointwise:  # (N, out, L) x (N, L, in): each sample's outer-product sum
+            n = x.shape[0]
+            out[layer.weight] = torch.bmm(
+                backprops.reshape(n, backprops.shape[1], -1),
+                x.reshape(n, x.shape[1], -1).transpose(1, 2)).view(n, *layer.weight.shape)
+        else:
+            out[layer.weight] = _weight_grads(layer, x, backprops, transposed=False)
     return out
 
 

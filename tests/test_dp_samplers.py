@@ -21,7 +21,9 @@ CONVS = [
     nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
     nn.Conv2d(4, 6, 5, dilation=2, padding=3),
     nn.Conv2d(4, 6, 3, groups=2, padding=1),
-    nn.Conv2d(4, 6, 1),  # pointwise: Opacus' own sampler
+    nn.Conv2d(4, 6, 1),  # pointwise: one batched matrix product
+    nn.Conv3d(4, 6, 1, bias=False),
+    nn.Conv2d(4, 6, 1, stride=2),  # strided pointwise: Opacus' own sampler
     nn.Conv3d(2, 3, 3, padding=1),
     nn.Conv1d(2, 3, 3, padding=1),
 ]
