@@ -10,8 +10,10 @@ measured is the server). A sampler thread reads this process's resident memory e
 10 ms from the end of round 1 to the end of the last round; the figure is the peak growth
 over the resident size at the end of round 1, divided by the model's size in bytes.
 FedAvg folds updates into one running sum as they are pulled (server/aggregation.py
-UpdatePool); FedMedian, a robust rule, must keep every update, and is measured beside it
-(up to --keep-all-up-to sites) as the contrast. Last line:
+UpdatePool), and with --in-flight W the server sends W requests at a time
+(`max-sites-in-flight`), the next as a reply comes in; FedMedian, a robust rule, must
+keep every update, and is measured beside it (up to --keep-all-up-to sites) as the
+contrast. Last line:
 `server_mem_over_model_at_100=<FedAvg's peak growth ÷ model bytes at the largest count>`.
 """
 
@@ -124,7 +126,8 @@ def _server_app(config: dict, sampler: Sampler, model_bytes: list[int]):  # noqa
     return app
 
 
-def measure(sites: int, strategy: str, rounds: int, model: str) -> tuple[float, float, int]:
+def measure(sites: int, strategy: str, rounds: int, model: str,
+            in_flight: int = 0) -> tuple[float, float, int]:
     """(peak RSS growth in bytes, seconds, model bytes) of one simulated run."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -140,7 +143,7 @@ def measure(sites: int, strategy: str, rounds: int, model: str) -> tuple[float, 
     task = "cxr-classify" if model == "densenet121" else "lung-seg"
     config = {"task": task, "model": model, "num-rounds": rounds, "min-sites": sites,
               "min-train-sites": max(2, sites // 2), "secagg-enabled": False,
-              "strategy": strategy, "round-timeout": 600.0}
+              "strategy": strategy, "round-timeout": 600.0, "max-sites-in-flight": in_flight}
     sampler, model_bytes = Sampler(home / "runs", rounds), []
     start = time.perf_counter()
     run_simulation(server_app=_server_app(config, sampler, model_bytes),
@@ -162,6 +165,8 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 30, 100])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="densenet121")
+    parser.add_argument("--in-flight", type=int, default=0,
+                        help="max-sites-in-flight for FedAvg (0: every site at once)")
     parser.add_argument("--keep-all-up-to", type=int, default=30,
                         help="measure FedMedian (keeps every update) up to this many sites")
     args = parser.parse_args()
@@ -169,8 +174,11 @@ def main() -> None:
     for sites in args.sites:
         for strategy in ("fedavg", "fedmedian") if sites <= args.keep_all_up_to \
                 else ("fedavg",):
-            growth, seconds, model_bytes = measure(sites, strategy, args.rounds, args.model)
-            print(f"{sites:>4} sites {strategy:<10} peak RSS growth {growth / 1e6:8.1f} MB "
+            window = args.in_flight if strategy == "fedavg" else 0
+            growth, seconds, model_bytes = measure(sites, strategy, args.rounds, args.model,
+                                                   window)
+            print(f"{sites:>4} sites {strategy:<10} in flight {window or sites:>3}: "
+                  f"peak RSS growth {growth / 1e6:8.1f} MB "
                   f"= {growth / model_bytes:6.2f} x model ({model_bytes / 1e6:.2f} MB), "
                   f"{seconds:.1f} s for {args.rounds} rounds", flush=True)
             if strategy == "fedavg":
