@@ -31,6 +31,9 @@ from opacus.optimizers.optimizer import (
 from torch import nn
 from torch.utils.data import DataLoader
 
+from client import dp_samplers
+from client.dp_weight_grads import skip_weight_grads
+
 
 class FusedDPOptimizer(DPOptimizer):
     """`DPOptimizer` (flat, non-distributed clipping) with fused per-parameter stages."""
@@ -89,9 +92,6 @@ def make_private(engine: PrivacyEngine, model: nn.Module, optimizer: torch.optim
     """fedrad's DP-SGD set-up: Opacus' `make_private` (hooks, flat clipping) with
     fedrad's samplers, the fused step and autograd's discarded weight gradients skipped.
     What client.training trains with and what the DP property tests check."""
-    from client import dp_samplers
-    from client.dp_weight_grads import skip_weight_grads
-
     dp_samplers.install()
     private, dp_optimizer, private_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,

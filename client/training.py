@@ -21,7 +21,6 @@ from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import dp_samplers
 from client.dataset import SiteDataset
 from client.dp_optimizer import make_private
 from common import keys
@@ -30,7 +29,6 @@ from common.models import build_model
 from common.weights import from_arrays, plain_state_dict, to_arrays
 
 LOG = logging.getLogger("fedrad.client")
-dp_samplers.install()  # faster per-sample gradients for convolutions (bench/dp_overhead.py)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,9 @@ from monai.networks.blocks.segresnet_block import ResBlock
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import dp_samplers
 from client.dp_optimizer import make_private
 from common.config import RunConfig
 from common.models import ModelError, build_model, check_dp_compatible
-
-dp_samplers.install()  # the per-sample gradients fedrad trains with
 
 CASES = {  # id: run config, input shape (one sample), target shape (one sample)
     "unet-2d": ({"task": "lung-seg", "model": "unet"}, (1, 32, 32), (1, 32, 32)),
