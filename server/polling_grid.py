@@ -88,7 +88,7 @@ class PollingGrid(Grid):  # type: ignore[misc]
             for start in range(0, len(asked), chunk):
                 for reply in self.pull_messages(asked[start:start + chunk]):
                     pending.remove(reply.metadata.reply_to_message_id)
-                    if queue:
+                    if queue and (deadline is None or time.monotonic() < deadline):
                         pending += self.push_messages(queue[:1])
                         del queue[:1]
                     yield reply
