@@ -2,7 +2,7 @@
 127.0.0.1, TLS, node authentication, SecAgg+ and DP-SGD, as `fedrad demo` runs them.
 
 Usage: python bench/round_overhead.py [--workload small|densenet] [--rounds N]
-                                      [--no-workers] [--out DIR]
+                                      [--no-workers] [--no-launchers] [--out DIR]
 
 - small: the demo's own workload (UNet 64 px, 24 generated patients x 2 images per site,
   2 local epochs);
@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-workers", action="store_true",
                         help="no site workers: every message imports the training stack")
+    parser.add_argument("--no-launchers", action="store_true",
+                        help="Flower's flower-superexec: a fresh flwr-clientapp per message")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     overrides, patients = WORKLOADS[args.workload]
@@ -51,8 +53,10 @@ def main() -> None:
     start = time.monotonic()
     result = run_demo(out, data=None, config_file=CONFIGS / "demo.toml",
                       overrides={**overrides, "num-rounds": args.rounds}, patients=patients,
-                      say=lambda line: None, workers=not args.no_workers)
+                      say=lambda line: None, workers=not args.no_workers,
+                      launchers=not args.no_launchers)
     print(f"workload={args.workload} rounds={args.rounds} workers={not args.no_workers} "
+          f"launchers={not args.no_launchers} "
           f"total {time.monotonic() - start:.0f}s, run folder {result.run_dir}")
     walls, overheads = [], []
     for row in result.rounds:

@@ -36,7 +36,7 @@ from client.training import (
     plan_noise_multiplier,
 )
 from common import keys
-from common.audit import AuditLog, digest
+from common.audit import AuditLog, digest_arrays
 from common.config import RunConfig, UpdateDType
 from common.phi import PHIGuard
 from common.secagg import check_range
@@ -171,7 +171,7 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
         check_range(update, weight, config.secagg)
     _audit(site).append("update-sent", run_id=str(run_id), round=server_round,
                         bytes=sum(a.nbytes for a in update),
-                        sha256=digest(b"".join(a.tobytes() for a in update)),
+                        sha256=digest_arrays(update),
                         examples=result.num_examples,
                         epsilon_total=metrics.get(keys.EPSILON_TOTAL))
     return {"update": update, "weight": weight, "metrics": metrics, "site_id": site.site_id}

@@ -80,6 +80,8 @@ def _handle(kind: str, request: dict[str, Any]) -> tuple[str, Any]:
 def serve(work_dir: Path) -> None:
     """Listen on the work folder's socket until SIGTERM/SIGINT; one request at a time
     (a SuperNode runs one message at a time)."""
+    import torch._dynamo  # noqa: F401 - torch imports it at the first optimizer (about 3 s)
+
     from client import site_round  # noqa: F401 - the heavy imports, paid once here
 
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,12 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 GENESIS = "0" * 64
 _RESERVED = {"seq", "time", "event", "prev", "hash"}
@@ -38,6 +41,14 @@ def _canonical(entry: dict[str, Any]) -> bytes:
 def digest(data: bytes) -> str:
     """SHA-256 of bytes, for "what was sent" fields."""
     return hashlib.sha256(data).hexdigest()
+
+
+def digest_arrays(arrays: Iterable[np.ndarray]) -> str:
+    """`digest` of the arrays' bytes laid end to end, hashed in place (no model-sized copy)."""
+    sha = hashlib.sha256()
+    for array in arrays:
+        sha.update(np.ascontiguousarray(array).data)
+    return sha.hexdigest()
 
 
 @dataclass(frozen=True)

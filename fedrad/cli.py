@@ -308,6 +308,9 @@ def site_start(
     passphrase_file: Annotated[Path | None, typer.Option(
         help="Passphrase of a sealed kit (default: $FEDRAD_KIT_PASSPHRASE)")] = None,
     worker: Annotated[bool, typer.Option(help="Also run the site worker")] = True,
+    warm_launcher: Annotated[bool, typer.Option(
+        help="Run ClientApps from fedrad's warm launcher (Flower imported once, a fork per "
+        "message) instead of Flower's flower-superexec (a fresh process per message)")] = True,
 ) -> None:
     """This hospital's node: SuperNode (TLS, node key, signed apps only) + site worker."""
     import tomllib
@@ -332,7 +335,8 @@ def site_start(
         if missing:
             raise ConfigError(f"missing {missing}: pass --data, --work-dir and "
                               "--epsilon-budget, or --config with those keys")
-        code = start_site(opened, values, superlink=superlink, say=typer.echo, worker=worker)
+        code = start_site(opened, values, superlink=superlink, say=typer.echo, worker=worker,
+                          warm_launcher=warm_launcher)
     except KitError as exc:
         raise typer.BadParameter(str(exc), param_hint="--kit") from exc
     except ConfigError as exc:

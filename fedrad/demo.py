@@ -61,12 +61,14 @@ def discover_sites(data: Path) -> dict[str, Path]:
 def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict[str, Any],
              patients: int, say: Callable[[str], None],
              tick: Callable[[str], None] | None = None,
-             budgets: dict[str, float] | None = None, workers: bool = True) -> DemoResult:
+             budgets: dict[str, float] | None = None, workers: bool = True,
+             launchers: bool = True) -> DemoResult:
     """Run the whole federation; every started process is stopped before returning.
 
     `budgets` sets a site's own total privacy budget (node config epsilon-budget;
-    default SITE_BUDGET). `workers` starts one site worker per site (client.worker);
-    bench/round_overhead.py turns it off to measure the difference.
+    default SITE_BUDGET). `workers` starts one site worker per site (client.worker) and
+    `launchers` one warm ClientApp launcher per site (fedrad.launcher);
+    bench/round_overhead.py turns them off to measure the difference.
     """
     start = time.monotonic()
     out = out.resolve()
@@ -112,7 +114,8 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
                 "epsilon-budget": (budgets or {}).get(site, SITE_BUDGET), "threads": 1}))
             group.start(f"site-{site}", [*FEDRAD, "site", "start", "--kit", str(kits[site]),
                                          "--config", str(config),
-                                         *([] if workers else ["--no-worker"])],
+                                         *([] if workers else ["--no-worker"]),
+                                         *([] if launchers else ["--no-warm-launcher"])],
                         log=logs / f"site-{site}.log", cwd=config.parent, env={}, grace=30.0)
         say(f"started {len(sites)} sites (fedrad site start --kit): {', '.join(sites)}")
         submitted = submit(home, values)

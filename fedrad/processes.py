@@ -25,13 +25,17 @@ class DeploymentError(RuntimeError):
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
-    """Our environment plus `extra`, with this interpreter's bin/ first on PATH.
+    """Our environment plus `extra`, with this interpreter's bin/ first on PATH, and
+    Flower's usage telemetry off.
 
     Flower's SuperLink and SuperNode start `flower-superexec` and `flwr-clientapp` by
     name, so they must find this installation's scripts even when no venv is active.
+    Flower reports usage events to Flower Labs over HTTPS unless told not to; nothing but
+    the federation's own traffic leaves a hospital (and on a closed network every event
+    cost a TLS set-up and a timeout inside each ClientApp).
     """
     path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
-    return {**os.environ, **extra, "PATH": path}
+    return {**os.environ, **extra, "PATH": path, "FLWR_TELEMETRY_ENABLED": "0"}
 
 
 def free_port() -> int:
@@ -183,11 +187,22 @@ def worker_command(*, work_dir: Path) -> list[str]:
     return [sys.executable, "-m", "client.worker", "--work-dir", str(work_dir)]
 
 
+def launcher_command(*, runtime_port: int, secret: Path) -> list[str]:
+    """The site's warm ClientApp launcher (fedrad.launcher), in place of `flower-superexec`."""
+    return [sys.executable, "-m", "fedrad.launcher",
+            "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--secret-file", str(secret)]
+
+
 def supernode_command(*, superlink: str, ca_cert: Path, auth_key: Path, port: int,
                       node_config: dict[str, Any], trusted_entities: Path | None = None,
-                      max_retries: int = 20) -> list[str]:
-    """A SuperNode; with `trusted_entities` it runs only apps signed by those keys."""
+                      superexec_secret: Path | None = None, max_retries: int = 20) -> list[str]:
+    """A SuperNode; with `trusted_entities` it runs only apps signed by those keys. With
+    `superexec_secret` it launches no ClientApp itself (`--isolation process`): only a
+    launcher holding that secret may claim its tasks (`launcher_command`)."""
     trust = ["--trusted-entities", str(trusted_entities)] if trusted_entities else []
+    if superexec_secret is not None:
+        trust += ["--isolation", "process", "--superexec-auth-secret-file",
+                  str(superexec_secret)]
     return [
         str(BIN / "flower-supernode"),
         "--root-certificates", str(ca_cert), "--superlink", superlink,

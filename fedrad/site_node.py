@@ -2,16 +2,17 @@
 
 Opens the kit (sealed kits need the passphrase), installs it in `<work-dir>/kit/`
 (mode 0700), checks the site's own settings before anything starts, then runs the
-site worker and a SuperNode with TLS (the consortium CA), the site's node key, and
-`--trusted-entities` (only ClientApp code the consortium signed runs here), and
-supervises both until stopped. A site restarted after a crash waits until the SuperLink
-lets its node key in again. The SuperNode's exit ends the command with its code,
-so a service manager can restart it.
+site worker, the ClientApp launcher (fedrad.launcher) and a SuperNode with TLS (the
+consortium CA), the site's node key, and `--trusted-entities` (only ClientApp code the
+consortium signed runs here), and supervises them until stopped. A site restarted after
+a crash waits until the SuperLink lets its node key in again. The SuperNode's exit ends
+the command with its code, so a service manager can restart it.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -62,9 +63,23 @@ def node_config(kit_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def write_secret(path: Path) -> Path:
+    """A fresh SuperExec secret (mode 0600) shared by the SuperNode and the launcher."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    os.chmod(path, 0o600)
+    return path
+
+
 def start_site(kit: Kit, values: dict[str, Any], *, superlink: str | None,
-               say: Callable[[str], None], worker: bool = True) -> int:
-    """Run the site in the foreground; return the SuperNode's exit code."""
+               say: Callable[[str], None], worker: bool = True,
+               warm_launcher: bool = True) -> int:
+    """Run the site in the foreground; return the SuperNode's exit code.
+
+    `warm_launcher` runs ClientApps from fedrad.launcher (Flower imported once, a fork per
+    message); without it the SuperNode starts Flower's `flower-superexec`, which starts a
+    fresh `flwr-clientapp` per message."""
     work_dir = Path(str(values["work-dir"])).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     kit_dir = kit.install(work_dir / "kit")
@@ -85,10 +100,17 @@ def start_site(kit: Kit, values: dict[str, Any], *, superlink: str | None,
             if worker:
                 group.start("worker", proc.worker_command(work_dir=work_dir),
                             log=logs / "worker.log", cwd=work_dir, env={})
+            runtime_port = proc.free_port()
+            secret = write_secret(kit_dir / "superexec.secret") if warm_launcher else None
+            if secret is not None:
+                group.start("launcher", proc.launcher_command(runtime_port=runtime_port,
+                                                              secret=secret),
+                            log=logs / "launcher.log", cwd=work_dir,
+                            env={"FLWR_HOME": str(work_dir / "flwr")})
             command = proc.supernode_command(
                 superlink=address, ca_cert=kit_dir / "ca.pem", auth_key=kit_dir / "node.key",
-                port=proc.free_port(), node_config=config,
-                trusted_entities=kit_dir / "trusted-entities.yaml")
+                port=runtime_port, node_config=config,
+                trusted_entities=kit_dir / "trusted-entities.yaml", superexec_secret=secret)
             say(f"site {site}: SuperNode connecting to {address} (TLS, node key "
                 f"{digest(kit.files['node.pub'])[:12]}, signed apps only); logs in {logs}")
             first_try = time.monotonic()

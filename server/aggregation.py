@@ -4,7 +4,8 @@ fedrad does not reimplement FedAvg, FedProx, FedAdam, FedMedian, FedTrimmedAvg o
 `Aggregator` hands the sites' models (global + update, in the packed wire form of
 common.weights) to the matching `flwr.serverapp.strategy` class and reads its result.
 Under SecAgg+ (or central DP) the server holds only the mean update; the strategy then
-sees that one mean as a single reply, which is FedAvg's, FedProx's and FedAdam's input.
+sees that one mean as a single reply, which is FedAdam's input; for FedAvg and FedProx the
+mean of that one reply is the reply itself, so the strategy is not called.
 
 Before aggregation every individual update is screened (`screen_update`): not finite, the
 wrong shape, a non-positive weight or a norm beyond `max-update-norm` is rejected with a
@@ -158,6 +159,9 @@ def _record(arrays: list[np.ndarray]) -> ArrayRecord:
                         for i, a in enumerate(arrays)})
 
 
+_MEAN_OF_ONE_IS_ITSELF = frozenset({Strategy.FEDAVG, Strategy.FEDPROX})
+
+
 class Aggregator:
     """One run's strategy, with the state it carries between rounds (FedAdam's moments)."""
 
@@ -175,6 +179,11 @@ class Aggregator:
         """The strategy's new global model from the screened updates (or one mean)."""
         if not updates:
             raise ValueError("no update to aggregate")
+        if len(updates) == 1 and self.config.strategy.name in _MEAN_OF_ONE_IS_ITSELF:
+            # FedAvg's (and FedProx's) weighted mean of one model is that model; Flower's
+            # strategy would only copy it about four times (records, bytes, result).
+            return [np.add(g, u, dtype=np.float32)
+                    for g, u in zip(global_arrays, updates[0].arrays, strict=True)]
         replies = [
             Message(RecordDict({
                 _ARRAYS: _record([g + u for g, u in zip(global_arrays, update.arrays,

@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys
-from common.audit import digest
+from common.audit import digest_arrays
 from common.config import RunConfig
 from common.model_signing import SIGNING_KEY_ENV, load_signing_key, sign_model
 from common.models import build_model, load_pretrained
@@ -208,7 +208,7 @@ def main(grid: Grid, context: Context) -> None:
             node_ids = wait_for_nodes(grid, k, config.round_timeout)  # whoever is online
             run.audit.append("global-model-sent", run_id=run.run_id, round=server_round,
                              nodes=len(node_ids), bytes=sum(a.nbytes for a in global_arrays),
-                             sha256=digest(b"".join(a.tobytes() for a in global_arrays)))
+                             sha256=digest_arrays(global_arrays))
             pool = UpdatePool(global_arrays, max_norm=config.faults.max_update_norm,
                               keep=aggregator.needs_every_update or config.faults.cross_site,
                               uniform=central is not None)

@@ -26,10 +26,10 @@ from common.audit import AuditLog, digest
 from server.checkpoints import (
     CheckpointError,
     decrypt_state,
-    encrypt_state,
     key_path,
     load_or_create_key,
     read_key,
+    write_encrypted_state,
 )
 
 SERVER_HOME_ENV = "FEDRAD_SERVER_HOME"
@@ -191,33 +191,26 @@ class RunFolder:
     def save_checkpoint(self, server_round: int, state: OrderedDict[str, torch.Tensor]) -> str:
         """Encrypt (AES-256-GCM, server/checkpoints.py) and keep the file's sha256."""
         key = load_or_create_key(key_path(self.root.parent.parent))
-        data = encrypt_state(state, key, self.run_id, server_round)
         path = self.checkpoints / f"round-{server_round:03d}.pt.enc"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        sha = hashlib.sha256(data).hexdigest()
+        sha, size = write_encrypted_state(path, state, key, self.run_id, server_round)
         registry = self.read_json("registry.json")
         registry["checkpoints"][str(server_round)] = {"file": path.name, "sha256": sha,
                                                       "encryption": "AES-256-GCM"}
         _write_json(self.root / "registry.json", registry)
         self.audit.append("checkpoint-saved", run_id=self.run_id, round=server_round,
-                          file=path.name, sha256=sha, bytes=len(data))
+                          file=path.name, sha256=sha, bytes=size)
         return sha
 
     def save_server_state(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
         """The strategy's and central DP's state after a round (encrypted like the model),
         so that a resumed run continues exactly where this one stopped."""
         key = load_or_create_key(key_path(self.root.parent.parent))
-        data = encrypt_state(OrderedDict(state), key, f"{self.run_id}/server-state",
-                             server_round)
         path = self.checkpoints / f"round-{server_round:03d}.state.enc"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        sha, _ = write_encrypted_state(path, OrderedDict(state), key,
+                                       f"{self.run_id}/server-state", server_round)
         registry = self.read_json("registry.json")
         registry["checkpoints"][str(server_round)]["server_state"] = {
-            "file": path.name, "sha256": hashlib.sha256(data).hexdigest()}
+            "file": path.name, "sha256": sha}
         _write_json(self.root / "registry.json", registry)
 
     def load_server_state(self, server_round: int) -> dict[str, torch.Tensor]:

@@ -46,6 +46,20 @@ def test_fedavg_and_fedprox_are_the_example_weighted_mean() -> None:
                                    atol=1e-6)
 
 
+def test_a_single_pre_averaged_update_gives_what_flowers_fedavg_gives() -> None:
+    """SecAgg+ and the folding pool hand over one mean. FedAvg of one model is that model
+    (fedrad skips Flower's strategy there); Flower's FedMedian of it agrees."""
+    mean = SiteUpdate(0, [np.random.default_rng(3).normal(0, 0.01, 12).astype(np.float32)],
+                      70.0)
+    expected = GLOBAL[0] + mean.arrays[0]
+    for name in ("fedavg", "fedprox"):
+        got = _aggregate({"strategy": name}, [mean])
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(_aggregate({"strategy": "fedmedian"}, [mean]), expected,
+                               atol=1e-7)  # Flower's own strategy, same single reply
+
+
 def test_fedmedian_and_trimmed_mean_follow_their_definitions() -> None:
     updates = _updates(hostile=100.0)
     models = np.stack([GLOBAL[0] + u.arrays[0] for u in updates])

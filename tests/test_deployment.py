@@ -45,6 +45,19 @@ def test_every_round_completed_with_every_site(demo) -> None:
 
 
 @pytest.mark.deployment
+def test_every_message_ran_from_the_sites_warm_launcher(demo) -> None:
+    """Each site's SuperNode runs in process isolation; its launcher claimed every message
+    of every round (4 SecAgg+ stages + evaluation) and every ClientApp exited cleanly."""
+    for site in ["hospital-a", "hospital-b", "hospital-c"]:
+        logs = demo.out / "sites" / site / "work" / "logs"
+        launcher = (logs / "launcher.log").read_text()
+        assert launcher.count("ClientApp done in") == 5 * ROUNDS, site
+        assert "exited with" not in launcher
+        supernode = (logs / "supernode.log").read_text()
+        assert supernode.count("Sent successfully") == 5 * ROUNDS, site
+
+
+@pytest.mark.deployment
 def test_the_global_model_changed_every_round(demo) -> None:
     config = RunConfig.from_mapping(json.loads((demo.run_dir / "config.json").read_text()))
     states = [plain_state_dict(build_model(config))]

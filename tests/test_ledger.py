@@ -10,8 +10,10 @@ import time
 import pytest
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
+from client import ledger as ledger_module
 from client.ledger import BudgetExceeded, PrivacyLedger, Session, epsilon_of
 
 DELTA = 1e-5
@@ -34,6 +36,25 @@ def test_ledger_epsilon_equals_opacus_accountant() -> None:
     sessions = [Session(1, 1, s, q, n) for s, q, n in engine.accountant.history]
     assert epsilon_of(sessions, DELTA) == pytest.approx(engine.get_epsilon(DELTA), rel=1e-9)
     assert epsilon_of(sessions, DELTA) > 0
+
+
+def test_a_long_mixed_history_equals_opacus_and_costs_one_rdp_per_sigma_and_q() -> None:
+    """Sessions of the same (σ, q) are summed before the RDP: the result is Opacus'
+    accountant's over the whole history, and a history of 60 sessions of 3 runs needs 3
+    RDP computations, not 60 (nor 180 for the check/record/report of a round)."""
+    runs = [(1.1, 1 / 3), (0.8, 0.25), (1.1, 0.125)]
+    sessions = [Session(run, r, sigma, q, 3 + r % 4)
+                for run, (sigma, q) in enumerate(runs, start=1) for r in range(1, 21)]
+    accountant = RDPAccountant()
+    accountant.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in sessions]
+    expected = accountant.get_epsilon(delta=DELTA)
+    ledger_module._rdp_of_one_step.cache_clear()
+    assert epsilon_of(sessions, DELTA) == pytest.approx(expected, rel=1e-12)
+    assert epsilon_of(sessions[:-1], DELTA) < expected  # one step fewer spends less
+    assert ledger_module._rdp_of_one_step.cache_info().misses == len(runs)
+    for end in range(1, len(sessions)):
+        epsilon_of(sessions[:end], DELTA)
+    assert ledger_module._rdp_of_one_step.cache_info().misses == len(runs)
 
 
 def test_composition_and_refusal_survive_a_restart(tmp_path) -> None:

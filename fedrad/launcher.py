@@ -1,0 +1,215 @@
+"""The site's ClientApp launcher: Flower's SuperExec, kept warm.
+
+A SuperNode started with `--isolation process` launches nothing itself. A SuperExec asks
+its Runtime API for pending tasks (`AcquireTask`, signed with the site's SuperExec secret,
+so nothing else on the host can claim a task) and starts a `flwr-clientapp` for each one.
+Flower's own `flower-superexec` polls once a second and starts a fresh Python for every
+message, which imports Flower again: 1.6 s alone, about 3 s when three sites on two
+cores start one at once, paid for every message of a round (5 with SecAgg+).
+
+This launcher imports Flower's ClientApp runtime once, polls every 0.1 s while a run is
+active, and forks a child per task that runs Flower's own `run_clientapp` with the task's
+token. Every message still runs in a process of its own, as with `flwr-clientapp`: nothing
+of one message's state reaches the next. The launcher holds no threads, sockets to
+anything but the Runtime API, or data; a child reseeds numpy's global generator, which
+Flower's SecAgg+ quantisation draws from (Python's `random` reseeds itself on fork). It
+imports none of the app's packages (client, common, server), so each child loads the
+run's signed FAB, as `flwr-clientapp` does.
+
+Usage: python -m fedrad.launcher --runtime-api-address 127.0.0.1:PORT --secret-file F
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import (
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import RetryInvoker, constant
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+LOG = logging.getLogger("fedrad.launcher")
+
+ACTIVE_POLL_S = 0.1  # while messages keep coming (a round's SecAgg+ stages)
+IDLE_POLL_S = 0.5  # once none came for IDLE_AFTER_S
+IDLE_AFTER_S = 60.0
+_ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
+RECONNECT_S = 0.5  # while the SuperNode restarts (Flower's own client backs off to 20 s)
+
+
+class SecretRefused(RuntimeError):
+    """The SuperNode does not accept this launcher's SuperExec secret."""
+
+
+def runtime_client(address: str, secret: bytes) -> RuntimeHttpClient:
+    """A client of the SuperNode's Runtime API that may claim tasks (as `flower-superexec`)."""
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                      SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                   protected_methods=frozenset({_ACQUIRE}))],
+        retry_invoker=RetryInvoker(wait_gen_factory=lambda: constant(RECONNECT_S),
+                                   recoverable_exceptions=httpx.TransportError,
+                                   max_tries=None, max_time=None, jitter=None),
+    )
+
+
+def run_task(address: str, token: str, parent_pid: int) -> int:
+    """In a forked child: Flower's ClientApp runtime for one task; the exit code."""
+    try:
+        run_clientapp(runtime_api_address=address, token=token, insecure=True,
+                      certificates=None, parent_pid=parent_pid,
+                      runtime_dependency_install=False)
+    except SystemExit as exc:  # Flower ends every task with flwr_exit -> sys.exit
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - reported, and the child still exits
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def fork_task(task: Callable[[], int]) -> int:
+    """Run `task` in a child process with a fresh numpy global generator; return its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        np.random.seed(np.frombuffer(os.urandom(16), dtype=np.uint32))
+        code = task()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+@dataclass
+class Launcher:
+    """Claims the SuperNode's ClientApp tasks and runs each in a forked child."""
+
+    address: str
+    secret: bytes
+    children: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> task, start
+    launched: int = 0
+    failed: int = 0
+    _last_task: float = field(default=-IDLE_AFTER_S)
+
+    def poll_once(self, client: RuntimeHttpClient) -> bool:
+        """Claim one pending task, if any, and start it; whether one was started."""
+        response = client.AcquireTask(
+            AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+        if not (response.HasField("task") and response.token):
+            return False
+        if TaskType(response.task.type) != TaskType.CLIENT_APP:
+            LOG.error("task %d has type %r; this launcher runs ClientApps only",
+                      response.task.task_id, response.task.type)
+            return False
+        token, me = response.token, os.getpid()
+        pid = fork_task(lambda: run_task(self.address, token, me))
+        self._last_task = time.monotonic()
+        self.children[pid] = (response.task.task_id, self._last_task)
+        self.launched += 1
+        LOG.info("task %d: ClientApp started (pid %d)", response.task.task_id, pid)
+        return True
+
+    def reap(self) -> None:
+        """Collect finished children; a failed one is logged (Flower reports it upstream)."""
+        while self.children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            task_id, started = self.children.pop(pid, (None, time.monotonic()))
+            code = os.waitstatus_to_exitcode(status)
+            seconds = time.monotonic() - started
+            if code != 0:
+                self.failed += 1
+                LOG.warning("task %s: ClientApp exited with %d after %.2f s", task_id, code,
+                            seconds)
+            else:
+                LOG.info("task %s: ClientApp done in %.2f s", task_id, seconds)
+
+    def interval(self) -> float:
+        idle = time.monotonic() - self._last_task > IDLE_AFTER_S
+        return IDLE_POLL_S if idle else ACTIVE_POLL_S
+
+    def serve(self, stop: Callable[[], bool]) -> None:
+        """Poll until `stop()`. A Runtime API that is down (the SuperNode restarting) is
+        tried again every RECONNECT_S; one that refuses the secret ends the launcher."""
+        client = runtime_client(self.address, self.secret)
+        try:
+            while not stop():
+                self.reap()
+                try:
+                    if self.poll_once(client):
+                        continue  # another message may be waiting already
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code == httpx.codes.UNAUTHORIZED:
+                        raise SecretRefused(self.address) from None
+                    LOG.warning("Runtime API at %s answered %d; trying again", self.address,
+                                exc.response.status_code)
+                time.sleep(self.interval())
+        finally:
+            client.close()
+
+
+def read_secret(path: Path) -> bytes:
+    secret = path.read_bytes()
+    if len(secret) < 16:
+        raise SystemExit(f"{path}: the SuperExec secret must be at least 16 bytes; "
+                         "`fedrad site start` writes a fresh one at every start")
+    return secret
+
+
+APP_PACKAGES = ("client", "common", "server")  # what the signed FAB brings
+
+
+def check_app_not_imported() -> None:
+    """Each child must import the run's signed FAB, not a copy this process holds."""
+    held = sorted({name.split(".")[0] for name in sys.modules} & set(APP_PACKAGES))
+    if held:
+        raise SystemExit(f"the launcher imported {held}; a ClientApp would run that code "
+                         "instead of the run's signed app")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--secret-file", type=Path, required=True)
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s launcher: %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    check_app_not_imported()
+    launcher = Launcher(args.runtime_api_address, read_secret(args.secret_file))
+    parent = os.getppid()
+    LOG.info("claiming ClientApp tasks from %s", args.runtime_api_address)
+    try:
+        launcher.serve(stop=lambda: os.getppid() != parent)  # orphaned: our site is gone
+    except SecretRefused:
+        LOG.error("the SuperNode at %s refused this launcher's secret (%s): start the site "
+                  "with `fedrad site start`, which gives both the same fresh secret",
+                  args.runtime_api_address, args.secret_file)
+        raise SystemExit(3) from None
+    LOG.info("stopping: %d tasks launched, %d failed", launcher.launched, launcher.failed)
+
+
+if __name__ == "__main__":
+    main()
