@@ -9,6 +9,7 @@ a handful. Both sides know the layout: it is the run's model, built from the run
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -66,10 +67,24 @@ def unpack(wire: list[np.ndarray], like: list[np.ndarray]) -> list[np.ndarray]:
             for start, end, a in zip(offsets[:-1], offsets[1:], like, strict=True)]
 
 
+CHUNK = 1 << 20  # values per slice: a temporary is at most 8 MB, never model-sized
+
+
+def chunks(array: np.ndarray) -> Iterator[slice]:
+    """Slices of `array.reshape(-1)` of CHUNK values each."""
+    size = int(array.size)
+    return (slice(start, min(start + CHUNK, size)) for start in range(0, size, CHUNK))
+
+
+def all_finite(array: np.ndarray) -> bool:
+    flat = array.reshape(-1)
+    return all(bool(np.isfinite(flat[part]).all()) for part in chunks(flat))
+
+
 def check_finite(arrays: list[np.ndarray]) -> None:
     """Refuse arrays holding NaN or Inf."""
     for index, array in enumerate(arrays):
-        if not np.isfinite(array).all():
+        if not all_finite(array):
             raise UpdateError(f"array {index} holds NaN or Inf; refusing it")
 
 
@@ -83,6 +98,16 @@ def add(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
     return [(x + y).astype(np.float32) for x, y in zip(a, b, strict=True)]
 
 
-def global_norm(arrays: list[np.ndarray]) -> float:
-    """L2 norm over all arrays."""
-    return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays)))
+def global_norm(arrays: list[np.ndarray], minus: list[np.ndarray] | None = None) -> float:
+    """L2 norm over all arrays (of `arrays - minus`, when given), summed in float64 slice
+    by slice."""
+    total = 0.0
+    for index, array in enumerate(arrays):
+        flat = array.reshape(-1)
+        other = None if minus is None else minus[index].reshape(-1)
+        for part in chunks(flat):
+            values = flat[part].astype(np.float64)
+            if other is not None:
+                values -= other[part]
+            total += float(np.dot(values, values))
+    return float(np.sqrt(total))

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import (
 
 from common import keys
 from common.config import RunConfig, Strategy
+from common.weights import all_finite, chunks, global_norm
 
 LOG = logging.getLogger("fedrad.server")
 _ARRAYS = "arrays"  # record names of the replies handed to the strategy
@@ -57,15 +58,12 @@ def screen_update(update: SiteUpdate, layout: list[np.ndarray], max_norm: float)
     if len(update.arrays) != len(layout) or any(
             a.shape != b.shape for a, b in zip(update.arrays, layout, strict=False)):
         return REJECTED_SHAPE
-    if not all(np.isfinite(a).all() for a in update.arrays):
+    if not all(all_finite(a) for a in update.arrays):
         return REJECTED_NOT_FINITE
     if not (np.isfinite(update.weight) and update.weight > 0):
         return REJECTED_WEIGHT
-    if max_norm > 0:
-        norm = float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64)))
-                                 for a in update.arrays)))
-        if norm > max_norm:
-            return REJECTED_NORM
+    if max_norm > 0 and global_norm(update.arrays) > max_norm:
+        return REJECTED_NORM
     return None
 
 
@@ -106,7 +104,9 @@ class UpdatePool:
             # arrived in (a resumed run equals an unbroken one)
             self._sum = [np.zeros_like(a, dtype=np.float64) for a in self.layout]
         for total, array in zip(self._sum, update.arrays, strict=True):
-            total += np.multiply(array, weight, dtype=np.float64)
+            flat_total, flat = total.reshape(-1), array.reshape(-1)
+            for part in chunks(flat):  # no model-sized float64 temporary
+                flat_total[part] += np.multiply(flat[part], weight, dtype=np.float64)
         return None
 
     def mean(self) -> list[np.ndarray]:

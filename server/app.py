@@ -232,7 +232,7 @@ def main(grid: Grid, context: Context) -> None:
             sent = global_arrays  # the model this round's sites started from
             new_global = aggregator.next_global(server_round, global_arrays, updates)
             check_finite(new_global)
-            step = [n - g for n, g in zip(new_global, global_arrays, strict=True)]
+            step_norm = global_norm(new_global, minus=global_arrays)
             global_arrays = new_global
             evaluation = Replies()
             # A site that did not answer the training request is gone for this round:
@@ -258,7 +258,7 @@ def main(grid: Grid, context: Context) -> None:
                 sites_expected=len(node_ids),
                 sites_trained=counted,
                 secagg=config.secagg.enabled,
-                update_norm=global_norm(step),
+                update_norm=step_norm,
                 score_metric=keys.headline_metric(config.task),
                 pooled_score=_pooled(evaluation, keys.headline_metric(config.task)),
                 central_epsilon=central.epsilon() if central is not None else None,

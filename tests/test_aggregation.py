@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from common.config import ConfigError, RunConfig
+from common.weights import CHUNK, global_norm
 from server.aggregation import (
     REJECTED_NORM,
     REJECTED_NOT_FINITE,
@@ -160,3 +161,29 @@ def test_a_uniform_pool_weighs_every_site_the_same() -> None:
         pool.add(update)
     np.testing.assert_allclose(pool.mean()[0], np.mean([u.arrays[0] for u in updates], axis=0),
                                rtol=1e-6)
+
+
+def test_a_model_larger_than_a_slice_is_summed_screened_and_measured_exactly() -> None:
+    """The pool, the screen and the norms work slice by slice (no model-sized float64
+    temporary): the results equal the whole-array computation, and a NaN in the last
+    slice is still found."""
+    size = 2 * CHUNK + 12345
+    rng = np.random.default_rng(5)
+    layout = [np.zeros(size, dtype=np.float32)]
+    updates = [SiteUpdate(n, [rng.normal(0, 0.01, size).astype(np.float32)], w)
+               for n, w in ((1, 3.0), (2, 5.0), (3, 11.0))]
+    pool = UpdatePool(layout, max_norm=0.0, keep=False, uniform=False)
+    for update in updates:
+        assert pool.add(update) is None
+    total = sum(u.arrays[0].astype(np.float64) * u.weight for u in updates)
+    np.testing.assert_array_equal(pool.mean()[0], (total / 19.0).astype(np.float32))
+    first, second = updates[0].arrays[0], updates[1].arrays[0]
+    expected = np.linalg.norm(first.astype(np.float64) - second.astype(np.float64))
+    assert global_norm([first], minus=[second]) == pytest.approx(expected, rel=1e-12)
+    assert global_norm([first]) == pytest.approx(np.linalg.norm(first.astype(np.float64)),
+                                                 rel=1e-12)
+    poisoned = first.copy()
+    poisoned[-1] = np.nan
+    assert screen_update(SiteUpdate(4, [poisoned], 1.0), layout, 0.0) == REJECTED_NOT_FINITE
+    assert screen_update(SiteUpdate(4, [first], 1.0), layout,
+                         max_norm=0.99 * global_norm([first])) == REJECTED_NORM
