@@ -32,11 +32,16 @@ import numpy as np
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def _rss() -> int:
+def _status(field: str = "VmRSS") -> int:
+    """A memory figure of this process from /proc/self/status, in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
+
+
+def _rss() -> int:
+    return _status("VmRSS")
 
 
 class Sampler:
@@ -47,6 +52,7 @@ class Sampler:
     def __init__(self, metrics: Path, rounds: int) -> None:
         self.metrics, self.rounds = metrics, rounds
         self.base = self.peak = 0
+        self.anon_base = self.anon_peak = self.shmem_base = self.shmem_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -61,8 +67,12 @@ class Sampler:
         while self._done() < 1 and not self._stop.wait(0.005):
             pass
         self.base = self.peak = _rss()
+        self.anon_base = self.anon_peak = _status("RssAnon")
+        self.shmem_base = self.shmem_peak = _status("RssShmem")
         while self._done() < self.rounds and not self._stop.wait(0.01):
             self.peak = max(self.peak, _rss())
+            self.anon_peak = max(self.anon_peak, _status("RssAnon"))
+            self.shmem_peak = max(self.shmem_peak, _status("RssShmem"))
 
     def stop(self) -> int:
         self._stop.set()
@@ -127,8 +137,9 @@ def _server_app(config: dict, sampler: Sampler, model_bytes: list[int]):  # noqa
 
 
 def measure(sites: int, strategy: str, rounds: int, model: str,
-            in_flight: int = 0) -> tuple[float, float, int]:
-    """(peak RSS growth in bytes, seconds, model bytes) of one simulated run."""
+            in_flight: int = 0) -> tuple[float, float, int, tuple[float, float]]:
+    """(peak RSS growth in bytes, seconds, model bytes, (peak growth of the private
+    anonymous memory, of the shared memory)) of one simulated run."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from flwr.simulation import run_simulation
@@ -157,7 +168,9 @@ def measure(sites: int, strategy: str, rounds: int, model: str,
             .read_text().splitlines()]
     if len(rows) != rounds or rows[-1]["sites_trained"] != sites:
         raise RuntimeError(f"{sites} sites, {strategy}: run incomplete ({rows[-1:]})")
-    return float(growth), seconds, model_bytes[0]
+    parts = (float(sampler.anon_peak - sampler.anon_base),
+             float(sampler.shmem_peak - sampler.shmem_base))
+    return float(growth), seconds, model_bytes[0], parts
 
 
 def main() -> None:
@@ -175,12 +188,14 @@ def main() -> None:
         for strategy in ("fedavg", "fedmedian") if sites <= args.keep_all_up_to \
                 else ("fedavg",):
             window = args.in_flight if strategy == "fedavg" else 0
-            growth, seconds, model_bytes = measure(sites, strategy, args.rounds, args.model,
-                                                   window)
+            growth, seconds, model_bytes, (anon, shmem) = measure(
+                sites, strategy, args.rounds, args.model, window)
             print(f"{sites:>4} sites {strategy:<10} in flight {window or sites:>3}: "
                   f"peak RSS growth {growth / 1e6:8.1f} MB "
                   f"= {growth / model_bytes:6.2f} x model ({model_bytes / 1e6:.2f} MB), "
-                  f"{seconds:.1f} s for {args.rounds} rounds", flush=True)
+                  f"{seconds:.1f} s for {args.rounds} rounds; of which private "
+                  f"{anon / model_bytes:.2f} x, shared memory (Ray's object store) "
+                  f"{shmem / model_bytes:.2f} x", flush=True)
             if strategy == "fedavg":
                 ratio = growth / model_bytes
     print(f"server_mem_over_model_at_{args.sites[-1]}={ratio:.2f}")
