@@ -8,11 +8,14 @@ a handful. Both sides know the layout: it is the run's model, built from the run
 
 from __future__ import annotations
 
+import io
+import math
 from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 
 OPACUS_PREFIX = "_module."
 
@@ -65,6 +68,33 @@ def unpack(wire: list[np.ndarray], like: list[np.ndarray]) -> list[np.ndarray]:
     offsets = np.cumsum([0, *sizes])
     return [np.asarray(wire[0][start:end], dtype=np.float32).reshape(a.shape).copy()
             for start, end, a in zip(offsets[:-1], offsets[1:], like, strict=True)]
+
+
+_NUMPY_STYPE = "numpy.ndarray"  # Flower's Array serialisation: the bytes of an .npy file
+
+
+def numpy_view(array: Array) -> np.ndarray:
+    """`Array.numpy()` without its copy: a read-only view into the Array's own .npy bytes.
+
+    The header is read with numpy's own .npy reader; object arrays are refused, as
+    `np.load(..., allow_pickle=False)` refuses them."""
+    if array.stype != _NUMPY_STYPE:
+        raise UpdateError(f"array serialised as {array.stype!r}, expected {_NUMPY_STYPE!r}")
+    data = array.data
+    stream = io.BytesIO(data)
+    major, _ = np.lib.format.read_magic(stream)
+    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise UpdateError("an array of Python objects cannot be read without pickle; refused")
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+def numpy_views(record: ArrayRecord) -> list[np.ndarray]:
+    """Every array of `record` as `numpy_view`s, in order."""
+    return [numpy_view(array) for array in record.values()]
 
 
 CHUNK = 1 << 20  # values per slice: a temporary is at most 8 MB, never model-sized

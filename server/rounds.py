@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from common import keys
 from common.config import RunConfig
 from common.secagg import run_secagg_round
+from common.weights import numpy_views
 from server.aggregation import REJECTED_MALFORMED, SiteUpdate, UpdatePool
 from server.polling_grid import PollingGrid
 
@@ -104,9 +105,13 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
         if out.statuses.get(node) != keys.STATUS_OK:
             continue
         records = reply.content.array_records
-        arrays = ([np.asarray(a, dtype=np.float32) for a in  # float16 travels too
-                   records[keys.UPDATE].to_numpy_ndarrays()]
-                  if keys.UPDATE in records else [])
+        try:  # views into the reply's own bytes: folding it copies nothing
+            arrays = ([np.asarray(a, dtype=np.float32)  # float16 travels too
+                       for a in numpy_views(records[keys.UPDATE])]
+                      if keys.UPDATE in records else [])
+        except ValueError:  # not an .npy array (UpdateError too): not what a site sends
+            out.statuses[node] = REJECTED_MALFORMED
+            continue
         del reply, records  # the pool keeps what it needs (a running sum, or the update)
         rejected = pool.add(SiteUpdate(node, arrays, out.metrics[node].get(
             keys.NUM_EXAMPLES, 0.0)))

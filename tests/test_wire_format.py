@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 
 from common.config import ConfigError, RunConfig, UpdateDType
 from common.models import build_model
-from common.weights import UpdateError, from_arrays, pack, plain_state_dict, to_arrays, unpack
+from common.weights import (
+    UpdateError,
+    from_arrays,
+    numpy_view,
+    numpy_views,
+    pack,
+    plain_state_dict,
+    to_arrays,
+    unpack,
+)
 
 
 def test_a_model_packs_into_one_vector_and_back_exactly() -> None:
@@ -60,3 +72,31 @@ def test_a_float16_update_is_the_float32_update_in_half_the_bytes(phantom_sites,
     assert half.dtype == np.float16 and full.dtype == np.float32
     assert 2 * half.nbytes == full.nbytes and np.abs(full).max() > 1e-3
     np.testing.assert_allclose(half.astype(np.float32), full, rtol=2e-3, atol=1e-5)
+
+
+def test_numpy_views_read_flowers_arrays_without_copying_them() -> None:
+    """The server folds each reply from a view into the reply's own bytes: equal to
+    Flower's `Array.numpy()`, read-only, for C and Fortran order, 0-d and float16; an
+    object array is refused as np.load(allow_pickle=False) refuses it."""
+    rng = np.random.default_rng(0)
+    cases = [rng.normal(size=(3, 5)).astype(np.float32),
+             np.asfortranarray(rng.normal(size=(4, 2))),
+             np.array(2.5, dtype=np.float32),
+             rng.normal(size=7).astype(np.float16)]
+    record = ArrayRecord(cases)
+    views = numpy_views(record)
+    for original, view, array in zip(cases, views, record.values(), strict=True):
+        np.testing.assert_array_equal(view, array.numpy())
+        np.testing.assert_array_equal(view, original)
+        assert view.dtype == original.dtype and view.shape == original.shape
+        assert not view.flags.writeable  # a view of the bytes, not a copy
+    with pytest.raises(UpdateError, match="objects"):
+        numpy_view(_object_array())
+    with pytest.raises(UpdateError, match="serialised as"):
+        numpy_view(Array(dtype="float32", shape=(1,), stype="torch.raw", data=b"\0" * 4))
+
+
+def _object_array() -> Array:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buffer.getvalue())
