@@ -115,7 +115,7 @@ class Launcher:
             AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
         if not (response.HasField("task") and response.token):
             return False
-        if TaskType(response.task.type) != TaskType.CLIENT_APP:
+        if response.task.type != TaskType.CLIENT_APP.value:  # asked for ClientApps only
             LOG.error("task %d has type %r; this launcher runs ClientApps only",
                       response.task.task_id, response.task.type)
             return False
