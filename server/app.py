@@ -31,6 +31,7 @@ from common.weights import (
 )
 from server.aggregation import Aggregator, SiteUpdate, UpdatePool
 from server.central_dp import CentralDP
+from server.memory import return_large_frees
 from server.polling_grid import PollingGrid
 from server.registry import RoundRecord, RunFolder, SiteRound, registered_sites, server_home
 from server.report import write_report
@@ -171,6 +172,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run `num-rounds` rounds: DP training at the sites, SecAgg+ or screened updates,
     the run's strategy, k-of-n participation, evaluation every N rounds, checkpoints."""
     _configure_logging()
+    return_large_frees()
     grid = PollingGrid(grid)
     config = RunConfig.from_mapping(context.run_config)
     model = build_model(config)
