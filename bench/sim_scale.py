@@ -9,6 +9,9 @@ that replies at once with a small random update of the right layout (no training
 measured is the server). A sampler thread reads this process's resident memory every
 10 ms from the end of round 1 to the end of the last round; the figure is the peak growth
 over the resident size at the end of round 1, divided by the model's size in bytes.
+It also prints the absolute sizes and the peak over the lowest resident size after round 1
+(what a round adds to what the process keeps between rounds): freeing more by the end of
+round 1 lowers the base the first figure is taken from, so compare absolute peaks too.
 FedAvg folds updates into one running sum as they are pulled (server/aggregation.py
 UpdatePool), and with --in-flight W the server sends W requests at a time
 (`max-sites-in-flight`), the next as a reply comes in; FedMedian, a robust rule, must
@@ -51,7 +54,7 @@ class Sampler:
 
     def __init__(self, metrics: Path, rounds: int) -> None:
         self.metrics, self.rounds = metrics, rounds
-        self.base = self.peak = 0
+        self.base = self.peak = self.floor = 0
         self.anon_base = self.anon_peak = self.shmem_base = self.shmem_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -66,11 +69,12 @@ class Sampler:
     def _run(self) -> None:
         while self._done() < 1 and not self._stop.wait(0.005):
             pass
-        self.base = self.peak = _rss()
+        self.base = self.peak = self.floor = _rss()
         self.anon_base = self.anon_peak = _status("RssAnon")
         self.shmem_base = self.shmem_peak = _status("RssShmem")
         while self._done() < self.rounds and not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss())
+            rss = _rss()
+            self.peak, self.floor = max(self.peak, rss), min(self.floor, rss)
             self.anon_peak = max(self.anon_peak, _status("RssAnon"))
             self.shmem_peak = max(self.shmem_peak, _status("RssShmem"))
 
@@ -164,6 +168,10 @@ def measure(sites: int, strategy: str, rounds: int, model: str,
                                                  "logging_level": "ERROR"}})
     seconds = time.perf_counter() - start
     growth = sampler.stop()
+    print(f"  {sites} sites {strategy}: resident at the end of round 1 "
+          f"{sampler.base / 1e6:.0f} MB, lowest after it {sampler.floor / 1e6:.0f} MB, peak "
+          f"{sampler.peak / 1e6:.0f} MB (peak over the lowest: "
+          f"{(sampler.peak - sampler.floor) / model_bytes[0]:.2f} x model)", flush=True)
     rows = [json.loads(x) for x in (home / "runs").glob("*/metrics.jsonl").__next__()
             .read_text().splitlines()]
     if len(rows) != rounds or rows[-1]["sites_trained"] != sites:

@@ -85,6 +85,7 @@ class UpdatePool:
         self.kept: list[SiteUpdate] = []
         self.count = 0
         self._sum: list[np.ndarray] | None = None
+        self._mean: list[np.ndarray] | None = None
         self._weight = 0.0
 
     def add(self, update: SiteUpdate) -> str | None:
@@ -92,6 +93,8 @@ class UpdatePool:
         reason = screen_update(update, self.layout, self.max_norm)
         if reason is not None:
             return reason
+        if self._mean is not None:
+            raise RuntimeError("update pool already averaged; a round's pool takes no more")
         weight = 1.0 if self.uniform else update.weight
         self.count += 1
         self._weight += weight
@@ -117,8 +120,14 @@ class UpdatePool:
             weights = [1.0 if self.uniform else u.weight for u in self.kept]
             return [np.average(np.stack(layer), axis=0, weights=weights).astype(np.float32)
                     for layer in zip(*(u.arrays for u in self.kept), strict=True)]
-        assert self._sum is not None
-        return [(total / self._weight).astype(np.float32) for total in self._sum]
+        if self._mean is None:
+            assert self._sum is not None
+            # divided in float64 and rounded once into float32, with no float64 temporary;
+            # the sum (twice the model) is dropped: the mean is all a folding pool gives
+            self._mean = [np.divide(total, self._weight, out=np.empty(total.shape, np.float32),
+                                    casting="same_kind") for total in self._sum]
+            self._sum = None
+        return self._mean
 
     def contributions(self) -> list[SiteUpdate]:
         """What the strategy aggregates: every update (in node order), or their mean."""

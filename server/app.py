@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -287,6 +288,10 @@ def main(grid: Grid, context: Context) -> None:
                      len(node_ids), f" (not counted: {failed})" if failed else "",
                      record.score_metric, record.pooled_score, _epsilons(record),
                      wall, slowest)
+            # The round's Flower Messages (requests holding the model, replies, SecAgg+
+            # stages) are reference cycles: free them now, not at some later full
+            # collection, so a round's model copies never pile up across rounds.
+            gc.collect()
         run.finish("completed")
     except Exception:
         run.finish("failed")

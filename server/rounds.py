@@ -84,6 +84,14 @@ def _release(record: ArrayRecord | None) -> None:
         record.clear()
 
 
+def _release_answered(request: RecordDict, out: Replies) -> None:
+    """Free the round's request (a model's worth) once every site has answered it; its
+    Messages are reference cycles too. With a site unanswered a copy may still be on its
+    way in Flower's in-process simulation, so the request is left to the collector."""
+    if "no-reply" not in out.statuses.values():
+        _release(request.array_records[keys.WEIGHTS])
+
+
 def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, server_round: int,
                 global_arrays: list[np.ndarray], node_ids: list[int],
                 signature: bytes, pool: UpdatePool) -> Replies:
@@ -135,6 +143,7 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
             out.statuses[node] = rejected
     for node in node_ids:
         out.statuses.setdefault(node, "no-reply")
+    _release_answered(request, out)
     return out
 
 
@@ -150,4 +159,5 @@ def evaluate_round(grid: PollingGrid, config: RunConfig, *, server_round: int,
                               window=config.faults.max_in_flight)), out, node_ids)
     for node in node_ids:
         out.statuses.setdefault(node, "no-reply")
+    _release_answered(request, out)
     return out
