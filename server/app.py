@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from server.memory import return_large_frees
 from server.polling_grid import PollingGrid
 from server.registry import RoundRecord, RunFolder, SiteRound, registered_sites, server_home
 from server.report import write_report
-from server.rounds import Replies, evaluate_round, train_round
+from server.rounds import Replies, evaluate_aside, evaluate_round, train_round
 
 LOG = logging.getLogger("fedrad.server")
 app = ServerApp()
@@ -200,6 +201,55 @@ def main(grid: Grid, context: Context) -> None:
     registered = registered_sites()  # node id → site, from the node keys the server holds
     names: dict[int, str] = dict(registered)
     k = config.faults.min_train_sites
+    last_end = [0.0]  # when the previous round ended (perf_counter)
+
+    def end_round(server_round: int, start: float, node_ids: list[int], train: Replies,
+                  counted: int, step_norm: float, round_global: list[np.ndarray],
+                  sent: list[np.ndarray], pool: UpdatePool, alive: list[int],
+                  evaluation: Replies) -> None:
+        """Record round `server_round` and save its checkpoint, once its evaluation (if
+        any) is in. Its wall time runs from its start, or from the previous round's end
+        if that came later: what the round added to the run."""
+        names.update({n: s for n, s in evaluation.site_ids.items() if n not in registered})
+        now = time.perf_counter()
+        wall, last_end[0] = now - max(start, last_end[0]), now
+        slowest = max(
+            (m.get("load-seconds", 0.0) + m.get("train-seconds", 0.0)
+             for n, m in train.metrics.items() if train.statuses.get(n) == "ok"),
+            default=0.0,
+        )
+        record = RoundRecord(
+            server_round=server_round,
+            wall_seconds=wall,
+            slowest_site_seconds=slowest,
+            sites_expected=len(node_ids),
+            sites_trained=counted,
+            secagg=config.secagg.enabled,
+            update_norm=step_norm,
+            score_metric=keys.headline_metric(config.task),
+            pooled_score=_pooled(evaluation, keys.headline_metric(config.task)),
+            central_epsilon=central.epsilon() if central is not None else None,
+            sites=_site_rounds(train, evaluation, names),
+            failures=sorted(s for s in train.statuses.values() if s != "ok"),
+        )
+        run.record_round(record)
+        run.save_checkpoint(server_round, from_arrays(template, unpack(round_global, layout)))
+        server_state = {key: torch.from_numpy(np.ascontiguousarray(value))
+                        for key, value in aggregator.state().items()}
+        if central is not None:
+            server_state["central-dp-releases"] = torch.tensor([central.rounds])
+        run.save_server_state(server_round, server_state)
+        if config.faults.cross_site and server_round == config.num_rounds:
+            run.write_json("cross-site.json", _cross_site(
+                grid, context, config, signer, server_round, round_global, sent=sent,
+                updates=pool.contributions(), node_ids=alive, names=names))
+        failed = {names.get(n, f"node-{n}"): s for n, s in train.statuses.items()
+                  if s != keys.STATUS_OK}
+        LOG.info("round %d/%d: %d/%d sites counted%s, pooled %s %.3f, ε %s, wall %.1fs, "
+                 "slowest site %.1fs", server_round, config.num_rounds, counted,
+                 len(node_ids), f" (not counted: {failed})" if failed else "",
+                 record.score_metric, record.pooled_score, _epsilons(record), wall, slowest)
+
     try:
         if state.first_round == 1:
             wait_for_nodes(grid, config.min_sites, config.round_timeout)
@@ -219,6 +269,9 @@ def main(grid: Grid, context: Context) -> None:
                                 global_arrays=global_arrays, node_ids=node_ids,
                                 signature=sign_model(signer, global_arrays, context.run_id,
                                                      server_round, "train"), pool=pool)
+            # the previous round's evaluation came in during this training (it was queued
+            # first at every site); it must be recorded before this round aggregates
+            grid.settle()
             names.update({n: s for n, s in train.site_ids.items() if n not in registered})
             updates, counted = _contributions(run, server_round, train, pool, config, central)
             if not updates or counted < k:  # recorded (who refused, who dropped), then stop
@@ -237,63 +290,38 @@ def main(grid: Grid, context: Context) -> None:
             check_finite(new_global)
             step_norm = global_norm(new_global, minus=global_arrays)
             global_arrays = new_global
-            evaluation = Replies()
             # A site that did not answer the training request is gone for this round:
             # asking it to evaluate would only wait out the deadline a second time.
             alive = [n for n in node_ids if train.statuses.get(n) not in LOST]
+            end = partial(end_round, server_round, start, node_ids, train, counted,
+                          step_norm, global_arrays, sent, pool, alive)
             if config.should_evaluate(server_round) and alive:
-                evaluation = evaluate_round(
-                    grid, config, server_round=server_round, global_arrays=global_arrays,
-                    node_ids=alive, signature=sign_model(signer, global_arrays,
-                                                            context.run_id, server_round,
-                                                            "evaluate"))
-            names.update({n: s for n, s in evaluation.site_ids.items() if n not in registered})
-            wall = time.perf_counter() - start
-            slowest = max(
-                (m.get("load-seconds", 0.0) + m.get("train-seconds", 0.0)
-                 for n, m in train.metrics.items() if train.statuses.get(n) == "ok"),
-                default=0.0,
-            )
-            record = RoundRecord(
-                server_round=server_round,
-                wall_seconds=wall,
-                slowest_site_seconds=slowest,
-                sites_expected=len(node_ids),
-                sites_trained=counted,
-                secagg=config.secagg.enabled,
-                update_norm=step_norm,
-                score_metric=keys.headline_metric(config.task),
-                pooled_score=_pooled(evaluation, keys.headline_metric(config.task)),
-                central_epsilon=central.epsilon() if central is not None else None,
-                sites=_site_rounds(train, evaluation, names),
-                failures=sorted(s for s in train.statuses.values() if s != "ok"),
-            )
-            run.record_round(record)
-            run.save_checkpoint(server_round,
-                                from_arrays(template, unpack(global_arrays, layout)))
-            server_state = {key: torch.from_numpy(np.ascontiguousarray(value))
-                            for key, value in aggregator.state().items()}
-            if central is not None:
-                server_state["central-dp-releases"] = torch.tensor([central.rounds])
-            run.save_server_state(server_round, server_state)
-            if config.faults.cross_site and server_round == config.num_rounds:
-                run.write_json("cross-site.json", _cross_site(
-                    grid, context, config, signer, server_round, global_arrays, sent=sent,
-                    updates=pool.contributions(),
-                    node_ids=alive, names=names))
-            failed = {names.get(n, f"node-{n}"): s for n, s in train.statuses.items()
-                      if s != keys.STATUS_OK}
-            LOG.info("round %d/%d: %d/%d sites counted%s, pooled %s %.3f, ε %s, wall %.1fs, "
-                     "slowest site %.1fs", server_round, config.num_rounds, counted,
-                     len(node_ids), f" (not counted: {failed})" if failed else "",
-                     record.score_metric, record.pooled_score, _epsilons(record),
-                     wall, slowest)
+                # Before the last round the evaluation is pushed aside: the next round's
+                # first exchange follows it in each site's queue, so no site idles in
+                # Flower's 3 s poll in between; this round ends when its replies are in.
+                signature = sign_model(signer, global_arrays, context.run_id, server_round,
+                                       "evaluate")
+                if server_round < config.num_rounds and not config.faults.max_in_flight:
+                    evaluate_aside(grid, config, server_round=server_round,
+                                   global_arrays=global_arrays, node_ids=alive,
+                                   signature=signature, on_done=end)
+                else:
+                    end(evaluate_round(grid, config, server_round=server_round,
+                                       global_arrays=global_arrays, node_ids=alive,
+                                       signature=signature))
+            else:
+                end(Replies())
             # The round's Flower Messages (requests holding the model, replies, SecAgg+
             # stages) are reference cycles: free them now, not at some later full
             # collection, so a round's model copies never pile up across rounds.
             gc.collect()
+        grid.settle()
         run.finish("completed")
     except Exception:
+        try:  # a round whose evaluation was still out is recorded with what came in
+            grid.settle(wait=False)
+        except Exception:  # noqa: BLE001 - the run's own error is the one to raise
+            LOG.exception("could not record the last evaluated round")
         run.finish("failed")
         raise
     finally:

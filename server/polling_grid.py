@@ -14,7 +14,8 @@ that refuses to train for its privacy budget must be recorded as such.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -22,6 +23,16 @@ from flwr.supercore.run import Run
 
 POLL_SECONDS = 0.2
 PULL_CHUNK = 4  # replies pulled per request: bounds how many are held at once
+
+
+@dataclass
+class _Aside:
+    """Messages pushed aside: their replies are pulled while the server waits on others."""
+
+    pending: list[str]
+    deadline: float
+    on_done: Callable[[list[Message]], None]
+    replies: list[Message]
 
 
 class PollingGrid(Grid):  # type: ignore[misc]
@@ -33,6 +44,7 @@ class PollingGrid(Grid):  # type: ignore[misc]
         self._grid = grid
         self._interval = interval
         self._error_codes: dict[int, int] = {}
+        self._aside: list[_Aside] = []
 
     def take_error_codes(self) -> dict[int, int]:
         """Node id -> error code of the error replies pulled since the last call."""
@@ -62,6 +74,41 @@ class PollingGrid(Grid):  # type: ignore[misc]
             if reply.has_error():
                 self._error_codes[reply.metadata.src_node_id] = int(reply.error.code)
         return replies
+
+    def push_aside(self, messages: Iterable[Message], *, timeout: float,
+                   on_done: Callable[[list[Message]], None]) -> None:
+        """Push `messages` now and return at once. Their replies are pulled during the
+        waits that follow (`stream`, `send_and_receive`, `settle`); `on_done(replies)`
+        runs, in that wait, once every reply is in or `timeout` has passed.
+
+        A site takes its messages in order, so one pushed aside just before the next
+        exchange's keeps the site from idling between the two (Flower's SuperNode sleeps
+        3 s whenever it finds nothing to do).
+        """
+        pending = list(self.push_messages(messages))
+        self._aside.append(_Aside(pending, time.monotonic() + timeout, on_done, []))
+        self._poll_aside()
+
+    def settle(self, *, wait: bool = True) -> None:
+        """Wait until every set pushed aside is done and its `on_done` has run; with
+        `wait=False` (a run that is failing) pull once and end each set with the
+        replies it has."""
+        while self._aside:
+            self._poll_aside(now=not wait)
+            if self._aside:
+                time.sleep(self._interval)
+
+    def _poll_aside(self, *, now: bool = False) -> None:
+        while self._aside:  # in push order: an earlier set finishes first
+            aside = self._aside[0]
+            if aside.pending:
+                for reply in self._grid.pull_messages(list(aside.pending)):
+                    aside.pending.remove(reply.metadata.reply_to_message_id)
+                    aside.replies.append(reply)
+            if aside.pending and time.monotonic() < aside.deadline and not now:
+                return
+            self._aside.pop(0)
+            aside.on_done(aside.replies)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -94,4 +141,5 @@ class PollingGrid(Grid):  # type: ignore[misc]
                     yield reply
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
+            self._poll_aside()
             time.sleep(self._interval)

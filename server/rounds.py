@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,17 +148,39 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
     return out
 
 
+def _evaluation(server_round: int, global_arrays: list[np.ndarray], node_ids: list[int],
+                signature: bytes) -> tuple[list[Message], Callable[[list[Message]], Replies]]:
+    """The evaluation requests, and how their replies become a Replies."""
+    request = _request(global_arrays, server_round, signature)  # one copy for all sites
+    messages = [Message(request, dst_node_id=node, message_type=MessageType.EVALUATE,
+                        group_id=str(server_round)) for node in node_ids]
+
+    def collect(replies: list[Message]) -> Replies:
+        out = Replies()
+        _collect(replies, out, node_ids)
+        for node in node_ids:
+            out.statuses.setdefault(node, "no-reply")
+        _release_answered(request, out)
+        return out
+
+    return messages, collect
+
+
 def evaluate_round(grid: PollingGrid, config: RunConfig, *, server_round: int,
                    global_arrays: list[np.ndarray], node_ids: list[int],
                    signature: bytes) -> Replies:
     """Evaluate the global model at every node on its held-out patients."""
-    request = _request(global_arrays, server_round, signature)  # one copy for all sites
-    messages = [Message(request, dst_node_id=node, message_type=MessageType.EVALUATE,
-                        group_id=str(server_round)) for node in node_ids]
-    out = Replies()
-    _collect(list(grid.stream(messages, timeout=config.round_timeout,
-                              window=config.faults.max_in_flight)), out, node_ids)
-    for node in node_ids:
-        out.statuses.setdefault(node, "no-reply")
-    _release_answered(request, out)
-    return out
+    messages, collect = _evaluation(server_round, global_arrays, node_ids, signature)
+    return collect(list(grid.stream(messages, timeout=config.round_timeout,
+                                    window=config.faults.max_in_flight)))
+
+
+def evaluate_aside(grid: PollingGrid, config: RunConfig, *, server_round: int,
+                   global_arrays: list[np.ndarray], node_ids: list[int], signature: bytes,
+                   on_done: Callable[[Replies], None]) -> None:
+    """As evaluate_round, but the requests are pushed aside (PollingGrid.push_aside) and
+    this returns at once: the caller starts the next exchange, each site reaches it
+    straight after evaluating, and `on_done(replies)` runs during a later wait."""
+    messages, collect = _evaluation(server_round, global_arrays, node_ids, signature)
+    grid.push_aside(messages, timeout=config.round_timeout,
+                    on_done=lambda replies: on_done(collect(replies)))

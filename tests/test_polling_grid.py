@@ -122,3 +122,66 @@ def test_a_window_stops_sending_at_the_timeout() -> None:
     start = time.monotonic()
     replies = list(PollingGrid(fake, interval=0.05).stream([1, 2, 3], timeout=0.3, window=1))
     assert replies == [] and 0.3 <= time.monotonic() - start < 0.6
+
+
+class TimedGrid:
+    """Each message's reply is ready `delays[node]` seconds after it was pushed (never,
+    for a node not in `delays`)."""
+
+    def __init__(self, delays: dict[int, float]) -> None:
+        self.delays, self.ready, self.count = delays, {}, 0
+
+    def push_messages(self, messages):
+        ids = []
+        for node in messages:
+            self.count += 1
+            message_id = f"m{self.count}-{node}"
+            if node in self.delays:
+                self.ready[message_id] = (time.monotonic() + self.delays[node], node)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        now, out = time.monotonic(), []
+        for message_id in ids:
+            at, node = self.ready.get(message_id, (float("inf"), 0))
+            if at <= now:
+                del self.ready[message_id]
+                out.append(SimpleNamespace(metadata=SimpleNamespace(
+                    reply_to_message_id=message_id, src_node_id=node), has_error=lambda: False))
+        return out
+
+
+def test_messages_pushed_aside_are_collected_while_the_next_exchange_waits() -> None:
+    grid = PollingGrid(TimedGrid({1: 0.1, 2: 0.2, 3: 0.5}), interval=0.02)
+    done: list[list[int]] = []
+    start = time.monotonic()
+    grid.push_aside([1, 2], timeout=5, on_done=lambda replies: done.append(
+        sorted(r.metadata.src_node_id for r in replies)))
+    assert done == [] and time.monotonic() - start < 0.05  # returns at once
+    replies = list(grid.stream([3], timeout=5))  # the next exchange: node 3 takes 0.5 s
+    assert [r.metadata.src_node_id for r in replies] == [3]
+    assert done == [[1, 2]]  # ended during that wait, not after it
+    grid.settle()
+    assert done == [[1, 2]]  # once only
+
+
+def test_settle_waits_for_the_replies_then_ends_at_the_timeout_with_what_came() -> None:
+    grid = PollingGrid(TimedGrid({1: 0.1}), interval=0.02)  # node 2 never answers
+    done: list[list[int]] = []
+    start = time.monotonic()
+    grid.push_aside([1, 2], timeout=0.3, on_done=lambda replies: done.append(
+        [r.metadata.src_node_id for r in replies]))
+    grid.settle()
+    assert done == [[1]] and 0.3 <= time.monotonic() - start < 0.5
+
+
+def test_settle_without_waiting_ends_every_set_at_once_in_push_order() -> None:
+    grid = PollingGrid(TimedGrid({1: 0.0, 2: 5.0}), interval=0.02)
+    done: list[tuple[str, list[int]]] = []
+    for name, nodes in (("first", [2]), ("second", [1])):
+        grid.push_aside(nodes, timeout=60, on_done=lambda replies, name=name: done.append(
+            (name, [r.metadata.src_node_id for r in replies])))
+    start = time.monotonic()
+    grid.settle(wait=False)
+    assert done == [("first", []), ("second", [1])] and time.monotonic() - start < 0.2
