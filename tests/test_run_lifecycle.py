@@ -129,10 +129,12 @@ def _finished(federation, run_id: str) -> str:
 @pytest.mark.deployment
 def test_a_site_killed_mid_round_is_recorded_and_rejoins_later(federation) -> None:
     run_id, run_dir = _launch(federation, "num-rounds=6")
-    _wait(lambda: len(_rows(run_dir)) >= 1, 240, "round 1")
-    # Round 1 is recorded when its evaluation replies are in; round 2's training request
-    # was queued behind each site's evaluation, so site-3 dies holding it (its training
-    # takes seconds; the record comes within a poll of its evaluation reply).
+    # site-3 dies as its SuperNode takes round 2's training request: its ClientApp has
+    # seconds of training ahead, so the round's update never leaves it.
+    log = federation["tmp"] / "site-3" / "logs" / "supernode.log"
+    taken = re.compile(rf"RUN {run_id}, ROUND 2\][^\n]*\n[^\n]*Receiving: train message")
+    _wait(lambda: log.exists() and bool(taken.search(log.read_text(errors="replace"))), 240,
+          "site-3 taking round 2's training request")
     site_3 = federation["sites"]["site-3"]
     for pid in [site_3.pid, *_children(site_3.pid)]:  # the host dies: SuperNode, worker, all
         try:
