@@ -45,4 +45,3 @@ def return_large_frees(threshold: int = THRESHOLD_BYTES) -> bool:
                         option, threshold)
             return False
     return True
-

@@ -9,6 +9,10 @@ is fixed inside Flower and is not ours to change.)
 It also remembers the error code of every error reply it pulls, per node: Flower's
 SecAgg+ workflow drops a node whose reply is an error without saying why, and a site
 that refuses to train for its privacy budget must be recorded as such.
+
+And it can push messages aside (`push_aside`): they go out at once, and their replies are
+collected while the server waits on the next exchange. A round's evaluation is sent this
+way, so each site finds the next round's first message queued right after evaluating.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ class _Aside:
 
 
 class PollingGrid(Grid):  # type: ignore[misc]
-    """Delegates to `grid`; only the reply polling interval differs."""
+    """Delegates to `grid`; the reply polling interval differs, and messages can be
+    pushed aside to be collected during later waits (`push_aside`)."""
 
     def __init__(self, grid: Grid, interval: float = POLL_SECONDS) -> None:
         if not interval > 0:
