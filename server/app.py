@@ -37,13 +37,13 @@ from server.memory import return_large_frees
 from server.polling_grid import PollingGrid
 from server.registry import RoundRecord, RunFolder, SiteRound, registered_sites, server_home
 from server.report import write_report
-from server.rounds import Replies, evaluate_aside, evaluate_round, train_round
+from server.rounds import NO_REPLY, Replies, evaluate_aside, evaluate_round, train_round
 
 LOG = logging.getLogger("fedrad.server")
 app = ServerApp()
 
 
-LOST = frozenset({"no-reply", "dropped"})  # train statuses of a site that did not answer
+LOST = frozenset({NO_REPLY, "dropped"})  # train statuses of a site that did not answer
 
 
 class RunAborted(RuntimeError):
@@ -201,7 +201,7 @@ def main(grid: Grid, context: Context) -> None:
     registered = registered_sites()  # node id → site, from the node keys the server holds
     names: dict[int, str] = dict(registered)
     k = config.faults.min_train_sites
-    last_end = [0.0]  # when the previous round ended (perf_counter)
+    last_end = 0.0  # when the previous round ended (perf_counter)
 
     def end_round(server_round: int, start: float, node_ids: list[int], train: Replies,
                   counted: int, step_norm: float, round_global: list[np.ndarray],
@@ -210,9 +210,10 @@ def main(grid: Grid, context: Context) -> None:
         """Record round `server_round` and save its checkpoint, once its evaluation (if
         any) is in. Its wall time runs from its start, or from the previous round's end
         if that came later: what the round added to the run."""
+        nonlocal last_end
         names.update({n: s for n, s in evaluation.site_ids.items() if n not in registered})
         now = time.perf_counter()
-        wall, last_end[0] = now - max(start, last_end[0]), now
+        wall, last_end = now - max(start, last_end), now
         slowest = max(
             (m.get("load-seconds", 0.0) + m.get("train-seconds", 0.0)
              for n, m in train.metrics.items() if train.statuses.get(n) == "ok"),

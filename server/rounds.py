@@ -17,6 +17,8 @@ from common.weights import numpy_views
 from server.aggregation import REJECTED_MALFORMED, SiteUpdate, UpdatePool
 from server.polling_grid import PollingGrid
 
+NO_REPLY = "no-reply"  # the status of a site whose reply never came
+
 LOG = logging.getLogger("fedrad.server")
 _KNOWN_ERRORS = {
     keys.ERROR_BUDGET_REFUSED: keys.STATUS_REFUSED_BUDGET,
@@ -89,7 +91,7 @@ def _release_answered(request: RecordDict, out: Replies) -> None:
     """Free the round's request (a model's worth) once every site has answered it; its
     Messages are reference cycles too. With a site unanswered a copy may still be on its
     way in Flower's in-process simulation, so the request is left to the collector."""
-    if "no-reply" not in out.statuses.values():
+    if NO_REPLY not in out.statuses.values():
         _release(request.array_records[keys.WEIGHTS])
 
 
@@ -143,7 +145,7 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
         if rejected is not None:
             out.statuses[node] = rejected
     for node in node_ids:
-        out.statuses.setdefault(node, "no-reply")
+        out.statuses.setdefault(node, NO_REPLY)
     _release_answered(request, out)
     return out
 
@@ -159,7 +161,7 @@ def _evaluation(server_round: int, global_arrays: list[np.ndarray], node_ids: li
         out = Replies()
         _collect(replies, out, node_ids)
         for node in node_ids:
-            out.statuses.setdefault(node, "no-reply")
+            out.statuses.setdefault(node, NO_REPLY)
         _release_answered(request, out)
         return out
 
