@@ -33,7 +33,7 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import dp_samplers
-from client.dp_optimizer import make_private
+from client.dp_optimizer import SitePrivacyEngine, make_private
 from common.config import RunConfig
 from common.models import build_model
 
@@ -59,7 +59,7 @@ def _epoch(name: str, mode: str, steps: int) -> float:
     loader = DataLoader(TensorDataset(images, targets), batch_size=BATCH)
     if mode == "fedrad":
         model, optimizer, loader = make_private(
-            PrivacyEngine(accountant="rdp"), model, optimizer, loader, noise_multiplier=1.0,
+            SitePrivacyEngine(accountant="rdp"), model, optimizer, loader, noise_multiplier=1.0,
             max_grad_norm=1.0, poisson_sampling=False)
     elif mode != "plain":
         engine = PrivacyEngine(accountant="rdp")

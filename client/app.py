@@ -8,13 +8,18 @@ evaluation go to the site worker (client.worker) when one is running.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.errors import SiteRefusal, site_failure
+from client.errors import SiteRefusal, policy_refusal, site_failure
 from client.messages import handle_evaluate, handle_train
+from client.secagg_guard import secagg_guard_mod
+from client.site_config import AUDIT_FILE
+from client.site_policy import enforce
+from common.audit import AuditLog
 from common.secagg import CLIENT_MODS
 
 LOG = logging.getLogger("fedrad.client")
@@ -33,7 +38,19 @@ def sanitising_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         return Message(Error(code=failure.code, reason=failure.reason), reply_to=msg)
 
 
-app = ClientApp(mods=[sanitising_mod, *CLIENT_MODS])
+def site_policy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Second mod: the site's own policy (node config) decides whether this run may use
+    the site at all, before SecAgg+'s stages, data loading, training or evaluation."""
+    work_dir = context.node_config.get("work-dir")
+    audit = AuditLog(Path(str(work_dir)).expanduser() / AUDIT_FILE) if work_dir else None
+    broken = enforce(context.node_config, context.run_config, run_id=int(context.run_id),
+                     audit=audit)
+    if broken:
+        raise policy_refusal(broken)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[sanitising_mod, site_policy_mod, secagg_guard_mod, *CLIENT_MODS])
 
 
 @app.train()

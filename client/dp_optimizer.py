@@ -13,10 +13,19 @@ per-sample gradients with a matrix-vector product and scales with one `_foreach_
 `fuse(optimizer)` swaps it in after `PrivacyEngine.make_private`, keeping the
 accountant's step hook; `make_private` is fedrad's whole DP-SGD set-up.
 tests/test_dp_optimizer.py checks steps against Opacus'.
+
+The randomness that protects privacy (Poisson sampling and the Gaussian noise) comes
+from `SitePrivacyEngine`: generators seeded from the operating system's CSPRNG
+(`os.urandom`) for every session, and Opacus' `secure_mode` noise (the sum of several
+Gaussian draws, which defeats floating-point attacks on the noise). Nothing in a run
+config reaches them, so a server that chose the run's `seed` cannot regenerate the
+noise and subtract it. Opacus' own secure mode needs torchcsprng (unmaintained, no
+wheels for current torch); this engine takes its place with the same code paths.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +42,34 @@ from torch.utils.data import DataLoader
 
 from client import dp_samplers
 from client.dp_weight_grads import skip_weight_grads
+
+
+def private_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded with 64 bits from the OS CSPRNG: a new stream each call,
+    which nobody outside this process can recompute."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return generator
+
+
+class SitePrivacyEngine(PrivacyEngine):
+    """Opacus' PrivacyEngine in secure mode without torchcsprng: Poisson sampling and
+    noise from `private_generator`, noise drawn as Opacus' secure mode draws it."""
+
+    def __init__(self, *, accountant: str = "rdp") -> None:
+        super().__init__(accountant=accountant, secure_mode=False)
+        self.secure_mode = True
+        self.secure_rng = private_generator()  # the sampler's: on the CPU
+
+    def _prepare_data_loader(self, data_loader: DataLoader[Any], *, poisson_sampling: bool,
+                             **kwargs: Any) -> DataLoader[Any]:
+        """Poisson sampling from the private generator (Opacus' code); a loader without
+        Poisson sampling keeps its order when that order draws nothing at random (Opacus'
+        secure mode would refuse a sampler without a generator)."""
+        if not poisson_sampling and not hasattr(data_loader.sampler, "generator"):
+            return data_loader
+        return super()._prepare_data_loader(  # type: ignore[no-any-return]
+            data_loader, poisson_sampling=poisson_sampling, **kwargs)
 
 
 class FusedDPOptimizer(DPOptimizer):
@@ -85,13 +122,18 @@ class FusedDPOptimizer(DPOptimizer):
         return bool(super().pre_step(closure))
 
 
-def make_private(engine: PrivacyEngine, model: nn.Module, optimizer: torch.optim.Optimizer,
+def make_private(engine: SitePrivacyEngine, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loader: DataLoader[Any], *, noise_multiplier: float, max_grad_norm: float,
                  poisson_sampling: bool = True
                  ) -> tuple[GradSampleModule, FusedDPOptimizer, DataLoader[Any]]:
     """fedrad's DP-SGD set-up: Opacus' `make_private` (hooks, flat clipping) with
     fedrad's samplers, the fused step and autograd's discarded weight gradients skipped.
-    What client.training trains with and what the DP property tests check."""
+    What client.training trains with and what the DP property tests check.
+    Only a `SitePrivacyEngine` is accepted: a plain PrivacyEngine would draw from torch's
+    global generator, which a run config seeds."""
+    if not isinstance(engine, SitePrivacyEngine):
+        raise TypeError("make_private needs a SitePrivacyEngine (DP randomness from the OS "
+                        f"CSPRNG), not {type(engine).__name__}")
     dp_samplers.install()
     private, dp_optimizer, private_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
@@ -99,12 +141,16 @@ def make_private(engine: PrivacyEngine, model: nn.Module, optimizer: torch.optim
         poisson_sampling=poisson_sampling, grad_sample_mode="hooks")
     assert isinstance(private, GradSampleModule)
     skip_weight_grads(private)
-    return private, fuse(dp_optimizer), private_loader
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    noise = engine.secure_rng if device.type == "cpu" else private_generator(device)
+    return private, fuse(dp_optimizer, generator=noise), private_loader
 
 
-def fuse(optimizer: DPOptimizer) -> FusedDPOptimizer:
+def fuse(optimizer: DPOptimizer, *, generator: torch.Generator | None = None
+         ) -> FusedDPOptimizer:
     """The same DP step as `optimizer` (made by `PrivacyEngine.make_private` with flat
-    clipping), fused; the accountant's step hook carries over."""
+    clipping), fused; the accountant's step hook carries over. `generator` replaces the
+    optimizer's noise generator (one on the model's device)."""
     if type(optimizer) is not DPOptimizer:
         raise TypeError(f"fuse() takes Opacus' flat-clipping DPOptimizer, not "
                         f"{type(optimizer).__name__}")
@@ -112,7 +158,8 @@ def fuse(optimizer: DPOptimizer) -> FusedDPOptimizer:
         optimizer.original_optimizer, noise_multiplier=optimizer.noise_multiplier,
         max_grad_norm=optimizer.max_grad_norm,
         expected_batch_size=optimizer.expected_batch_size,
-        loss_reduction=optimizer.loss_reduction, generator=optimizer.generator,
+        loss_reduction=optimizer.loss_reduction,
+        generator=generator if generator is not None else optimizer.generator,
         secure_mode=optimizer.secure_mode)
     if optimizer.step_hook is not None:
         fused.attach_step_hook(optimizer.step_hook)

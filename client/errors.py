@@ -5,9 +5,11 @@ from __future__ import annotations
 from common.keys import (
     ERROR_BUDGET_REFUSED,
     ERROR_MODEL_REFUSED,
+    ERROR_POLICY_REFUSED,
     ERROR_SITE_FAILED,
     REASON_BUDGET_REFUSED,
     REASON_MODEL_REFUSED,
+    REASON_POLICY_REFUSED,
     REASON_SITE_FAILED,
 )
 
@@ -31,3 +33,8 @@ def model_refusal() -> SiteRefusal:
 
 def site_failure() -> SiteRefusal:
     return SiteRefusal(ERROR_SITE_FAILED, REASON_SITE_FAILED)
+
+
+def policy_refusal(policy_keys: list[str]) -> SiteRefusal:
+    """Refused by the site's own policy; the reason names only policy keys (a fixed set)."""
+    return SiteRefusal(ERROR_POLICY_REFUSED, f"{REASON_POLICY_REFUSED}: {', '.join(policy_keys)}")

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from client.labels import KEY_COLUMNS
+from client.site_policy import SitePolicy
 from common.config import ConfigError
 
 _ALLOWED = {
     "site-id", "data-dir", "work-dir", "epsilon-budget", "labels-file", "labels-key", "device",
-    "threads", "ingest-workers", "model-verify-key"
+    "threads", "ingest-workers", "model-verify-key", *SitePolicy.keys()
 }
+AUDIT_FILE = "audit.jsonl"  # the site's own audit log, in its work folder
 _SITE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -34,6 +36,7 @@ class SiteConfig:
     device: str
     threads: int  # torch CPU threads; 0 = torch's default
     ingest_workers: int = 1  # processes that decode files not yet in the cache
+    policy: SitePolicy = SitePolicy()  # what this site accepts (client.site_policy)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> SiteConfig:
@@ -85,4 +88,5 @@ class SiteConfig:
             device=device,
             threads=threads,
             ingest_workers=workers,
+            policy=SitePolicy.from_mapping(raw),
         )

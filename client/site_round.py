@@ -23,9 +23,9 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from client import site_logging
 from client.dataset import DataSpec, SiteDataset, load_site_dataset
-from client.errors import budget_refusal
+from client.errors import budget_refusal, policy_refusal
 from client.ledger import BudgetExceeded, PrivacyLedger, Session, epsilon_of
-from client.site_config import SiteConfig
+from client.site_config import AUDIT_FILE, SiteConfig
 from client.training import (
     ClassificationAlgo,
     SegmentationAlgo,
@@ -58,7 +58,6 @@ class _Setup:
 
 
 _warm: dict[str, _Setup] = {}
-AUDIT_FILE = "audit.jsonl"
 
 
 @lru_cache(maxsize=8)
@@ -111,7 +110,7 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
     noise: float | None = None
     ledger: PrivacyLedger | None = None
     if config.dp.enabled:
-        delta = config.dp.delta or default_delta(algo.num_train)
+        delta = site.policy.delta_for(config, default_delta(algo.num_train))
         ledger = PrivacyLedger(site.work_dir / LEDGER_FILE, setup.dataset.content_hash,
                                budget=site.epsilon_budget, delta=delta)
         noise = ledger.run_noise_multiplier(run_id) or plan_noise_multiplier(
@@ -119,8 +118,18 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
         )
         sample_rate, per_epoch = dp_sampling(algo.num_train, config.batch_size)
         planned_steps = config.local_epochs * per_epoch
+        planned = Session(run_id, server_round, noise, sample_rate, planned_steps)
+        run_epsilon = epsilon_of([*(s for s in ledger.sessions if s.run_id == run_id),
+                                  planned], ledger.delta)
+        if run_epsilon > site.policy.max_epsilon_per_run:  # whatever num-rounds claimed
+            LOG.warning("round %d refused: the run's ε would reach %.3f, over this site's "
+                        "max-epsilon-per-run %.3f", server_round, run_epsilon,
+                        site.policy.max_epsilon_per_run)
+            _audit(site).append("round-refused", run_id=str(run_id), round=server_round,
+                                reason="max-epsilon-per-run")
+            raise policy_refusal(["max-epsilon-per-run"])
         try:
-            ledger.check(Session(run_id, server_round, noise, sample_rate, planned_steps))
+            ledger.check(planned)
         except BudgetExceeded as exc:
             LOG.warning("round %d refused: %s", server_round, exc)
             _audit(site).append("round-refused", run_id=str(run_id), round=server_round,

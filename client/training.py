@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, ROCAUCMetric
-from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dataset import SiteDataset
-from client.dp_optimizer import make_private
+from client.dp_optimizer import SitePrivacyEngine, make_private
 from common import keys
 from common.config import Optimizer, RunConfig, Strategy, Task
 from common.models import build_model
@@ -180,6 +179,8 @@ class LocalAlgo:
         """Local epochs; with DP-SGD when `noise_multiplier` is given.
 
         `max_grad_norm` defaults to the run's dp-max-grad-norm (tests pass other values).
+        The run's `seed` drives augmentation and, without DP, the shuffling; DP's
+        sampling and noise come from the OS CSPRNG (SitePrivacyEngine), never from it.
         """
         start = time.perf_counter()
         torch.manual_seed(self.config.seed * 1000 + server_round)
@@ -190,7 +191,7 @@ class LocalAlgo:
         optimizer = self._optimizer(model)
         engine = None
         if noise_multiplier is not None:
-            engine = PrivacyEngine(accountant="rdp")
+            engine = SitePrivacyEngine(accountant="rdp")
             model, optimizer, loader = make_private(
                 engine, model, optimizer, loader, noise_multiplier=noise_multiplier,
                 max_grad_norm=max_grad_norm or self.config.dp.max_grad_norm)

@@ -20,6 +20,7 @@ STATUS = "status"
 # Site status values (ConfigRecord SITE / STATUS).
 STATUS_OK = "ok"
 STATUS_REFUSED_BUDGET = "refused-privacy-budget"
+STATUS_REFUSED_POLICY = "refused-site-policy"
 
 # Metric names a site may send (anything else is refused by the PHI guard).
 NUM_EXAMPLES = "num-examples"
@@ -93,3 +94,5 @@ REASON_BUDGET_REFUSED = "fedrad site: refused to train, its privacy budget would
 ERROR_MODEL_REFUSED = 1003
 REASON_MODEL_REFUSED = ("fedrad site: refused the global model, its consortium signature is "
                         "missing or does not verify")
+ERROR_POLICY_REFUSED = 1004
+REASON_POLICY_REFUSED = "fedrad site: refused by the site's policy"  # + ": <policy keys>"

@@ -251,6 +251,9 @@ def demo(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a run-config key, e.g. --set central-dp-enabled=true "
         "(repeatable; values in TOML syntax, bare words are strings)")] = None,
+    site_policy: Annotated[list[str] | None, typer.Option(
+        "--site-policy", help="A policy key in every site's node config, e.g. "
+        "--site-policy require-dp=false for a deliberate no-DP baseline (repeatable)")] = None,
 ) -> None:
     """Run a whole federation on this host: 3 hospitals, TLS, node auth, DP, SecAgg+."""
     from rich.console import Console
@@ -263,10 +266,11 @@ def demo(
     config_file = config or CONFIGS / ("cxr-lung-seg.toml" if data else "demo.toml")
     out_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     overrides = {**_parse_sets(set_ or []), **({"num-rounds": rounds} if rounds else {})}
+    policy = _parse_policy(site_policy or [])
     try:
         with console.status("starting") as status:
             result = run_demo(out_dir, data=data, config_file=config_file, overrides=overrides,
-                              patients=patients,
+                              patients=patients, site_policy=policy,
                               say=lambda line: console.print(line, highlight=False),
                               tick=lambda text: status.update(text))
     except DemoFailed as exc:
@@ -292,6 +296,23 @@ def _parse_sets(items: list[str]) -> dict[str, object]:
     return out
 
 
+def _parse_policy(items: list[str]) -> dict[str, object]:
+    """--site-policy KEY=VALUE pairs: only the site-policy keys of the node config."""
+    from client.site_policy import SitePolicy
+    from common.config import ConfigError
+
+    values = _parse_sets(items)
+    unknown = sorted(set(values) - SitePolicy.keys())
+    if unknown:
+        raise typer.BadParameter(f"unknown policy key(s) {unknown}; allowed: "
+                                 f"{sorted(SitePolicy.keys())}", param_hint="--site-policy")
+    try:
+        SitePolicy.from_mapping(values)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--site-policy") from exc
+    return values
+
+
 @site_app.command("start")
 def site_start(
     kit: Annotated[Path, typer.Option(help="The startup kit from the coordinator")],
@@ -311,6 +332,9 @@ def site_start(
     warm_launcher: Annotated[bool, typer.Option(
         help="Run ClientApps from fedrad's warm launcher (Flower imported once, a fork per "
         "message) instead of Flower's flower-superexec (a fresh process per message)")] = True,
+    site_policy: Annotated[list[str] | None, typer.Option(
+        "--site-policy", help="Override a policy key of the node config, e.g. "
+        "max-epsilon-per-run=4 (repeatable; strict defaults otherwise)")] = None,
 ) -> None:
     """This hospital's node: SuperNode (TLS, node key, signed apps only) + site worker."""
     import tomllib
@@ -325,6 +349,7 @@ def site_start(
             values = tomllib.loads(config.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise typer.BadParameter(f"{config}: {exc}", param_hint="--config") from exc
+    values.update(_parse_policy(site_policy or []))
     flags = {"data-dir": data, "work-dir": work_dir, "epsilon-budget": epsilon_budget}
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items()
                    if v is not None})

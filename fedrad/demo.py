@@ -62,11 +62,13 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
              patients: int, say: Callable[[str], None],
              tick: Callable[[str], None] | None = None,
              budgets: dict[str, float] | None = None, workers: bool = True,
-             launchers: bool = True) -> DemoResult:
+             launchers: bool = True, site_policy: dict[str, Any] | None = None) -> DemoResult:
     """Run the whole federation; every started process is stopped before returning.
 
     `budgets` sets a site's own total privacy budget (node config epsilon-budget;
-    default SITE_BUDGET). `workers` starts one site worker per site (client.worker) and
+    default SITE_BUDGET). `site_policy` adds policy keys (client.site_policy) to every
+    site's node config: the sites refuse a run their policy does not allow. `workers`
+    starts one site worker per site (client.worker) and
     `launchers` one warm ClientApp launcher per site (fedrad.launcher);
     bench/round_overhead.py turns them off to measure the difference.
     """
@@ -111,7 +113,8 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(toml_text({
                 "site-id": site, "data-dir": str(sites[site].resolve()), "work-dir": str(work),
-                "epsilon-budget": (budgets or {}).get(site, SITE_BUDGET), "threads": 1}))
+                "epsilon-budget": (budgets or {}).get(site, SITE_BUDGET), "threads": 1,
+                **(site_policy or {})}))
             group.start(f"site-{site}", [*FEDRAD, "site", "start", "--kit", str(kits[site]),
                                          "--config", str(config),
                                          *([] if workers else ["--no-worker"]),

@@ -86,6 +86,9 @@ def start_site(kit: Kit, values: dict[str, Any], *, superlink: str | None,
     config = node_config(kit_dir, {**values, "work-dir": str(work_dir),
                                    "data-dir": str(Path(str(values["data-dir"])).resolve())})
     site = str(config["site-id"])
+    policy = SiteConfig.from_mapping(config).policy
+    for relaxed in policy.insecure_settings():
+        say(f"WARNING: site policy {relaxed}: this site accepts runs without that protection")
     if site != kit.info["site"]:
         say(f"note: site-id {site!r} differs from the kit's site {kit.info['site']!r}")
     address = superlink or kit.info["superlink"]
@@ -93,7 +96,8 @@ def start_site(kit: Kit, values: dict[str, Any], *, superlink: str | None,
     AuditLog(work_dir / "audit.jsonl").append(
         "site-started", site=site, superlink=address,
         node_key_sha256=digest(kit.files["node.pub"]),
-        trusted_key_sha256=digest(kit.files["trusted-entities.yaml"]))
+        trusted_key_sha256=digest(kit.files["trusted-entities.yaml"]),
+        policy={k: v for k, v in config.items() if k in policy.keys()})
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         with proc.ProcessGroup() as group:

@@ -23,6 +23,7 @@ LOG = logging.getLogger("fedrad.server")
 _KNOWN_ERRORS = {
     keys.ERROR_BUDGET_REFUSED: keys.STATUS_REFUSED_BUDGET,
     keys.ERROR_MODEL_REFUSED: "refused-model-signature",
+    keys.ERROR_POLICY_REFUSED: keys.STATUS_REFUSED_POLICY,
     keys.ERROR_SITE_FAILED: "failed",
 }
 

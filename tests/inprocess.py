@@ -80,14 +80,21 @@ def signing_keys(folder: Path) -> tuple[Path, Path]:
     return private, public
 
 
+# A site policy that allows a deliberate no-DP, no-SecAgg baseline run.
+BASELINE_POLICY = {"require-dp": False, "require-secure-aggregation": False}
+
+
 def real_site(node: int, site_id: str, data: Path, work: Path, verify_key: Path,
-              run_config: dict[str, Any], run_id: int = 1) -> Site:
-    """A hospital running fedrad's ClientApp on its own DICOM folder."""
+              run_config: dict[str, Any], run_id: int = 1,
+              policy: dict[str, Any] | None = None) -> Site:
+    """A hospital running fedrad's ClientApp on its own DICOM folder; `policy` relaxes
+    its strict default site policy (node-config keys of client.site_policy)."""
     from client.app import app
 
     context = Context(run_id=run_id, node_id=node, node_config={
         "site-id": site_id, "data-dir": str(data), "work-dir": str(work),
         "epsilon-budget": 1000.0, "model-verify-key": str(verify_key), "threads": 1,
+        **(policy or {}),
     }, state=RecordDict(), run_config=run_config)
 
     def handle(message: Message) -> Message | None:

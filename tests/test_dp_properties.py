@@ -12,10 +12,9 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 from monai.networks.blocks.segresnet_block import ResBlock
-from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.dp_optimizer import make_private
+from client.dp_optimizer import SitePrivacyEngine, make_private
 from common.config import RunConfig
 from common.models import ModelError, build_model, check_dp_compatible
 
@@ -46,7 +45,7 @@ def test_every_model_is_dp_compatible_and_takes_a_dp_step(case) -> None:
     config, data, loss_fn = _data(case, 4)
     model = build_model(config)
     before = [p.detach().clone() for p in model.parameters()]
-    engine = PrivacyEngine(accountant="rdp")
+    engine = SitePrivacyEngine(accountant="rdp")
     model, optimizer, loader = make_private(
         engine, model, torch.optim.SGD(model.parameters(), lr=0.1),
         DataLoader(data, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0,
@@ -86,7 +85,7 @@ def test_no_noise_and_no_clipping_equals_plain_training(case) -> None:
     plain = build_model(config)
     private = copy.deepcopy(plain)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
-    engine = PrivacyEngine(accountant="rdp")
+    engine = SitePrivacyEngine(accountant="rdp")
     private, private_opt, private_loader = make_private(
         engine, private, torch.optim.SGD(private.parameters(), lr=0.05),
         DataLoader(data, batch_size=4), noise_multiplier=0.0, max_grad_norm=1e9,
@@ -115,7 +114,7 @@ def test_clipped_per_sample_gradients_have_norm_at_most_c(case) -> None:
         reference = copy.deepcopy(model)
         loss_fn(reference(images), targets).backward()
         unclipped = torch.sqrt(sum((p.grad ** 2).sum() for p in reference.parameters()))
-        engine = PrivacyEngine(accountant="rdp")
+        engine = SitePrivacyEngine(accountant="rdp")
         model, optimizer, _ = make_private(
             engine, model, torch.optim.SGD(model.parameters(), lr=1.0),
             DataLoader(TensorDataset(images, targets), batch_size=1),

@@ -15,7 +15,7 @@ from client.dataset import DataSpec, load_site_dataset
 from common.config import Task
 from fedrad import processes as proc
 from fedrad.model_registry import load_exported
-from tests.inprocess import InProcessGrid, real_site, run_server, signing_keys
+from tests.inprocess import BASELINE_POLICY, InProcessGrid, real_site, run_server, signing_keys
 
 FEDRAD = [sys.executable, "-m", "fedrad.cli"]
 BASE = {"image-size": 32, "num-rounds": 2, "min-sites": 3, "min-train-sites": 3,
@@ -41,7 +41,7 @@ def exported(tmp_path_factory, phantom_sites):
         for run_id, (name, settings) in enumerate(TASKS.items(), start=1):
             config = {**BASE, **settings}
             sites = {n: real_site(n, f"site-{n}", phantom_sites[h], tmp / name / f"s{n}",
-                                  public, config, run_id)
+                                  public, config, run_id, policy=BASELINE_POLICY)
                      for n, h in {1: "hospital-a", 2: "hospital-b", 3: "hospital-c"}.items()}
             run_server(InProcessGrid(sites), config, consortium / "server", private,
                        monkeypatch, run_id=run_id)

@@ -37,7 +37,9 @@ def consortium(tmp_path_factory, phantom_sites):
     (home / "nodes.json").write_text(json.dumps(
         {f"site-{n}": {"node_id": n, "status": "registered"} for n in HOSPITALS}))
     sites = {n: real_site(n, f"site-{n}", phantom_sites[h], folder.parent / f"s{n}", public,
-                          CONFIG, run_id=7) for n, h in HOSPITALS.items()}
+                          CONFIG, run_id=7, policy={"require-secure-aggregation": False,
+                                                    "allow-cross-site": True})
+             for n, h in HOSPITALS.items()}
     with pytest.MonkeyPatch.context() as monkeypatch:
         run_server(InProcessGrid(sites), CONFIG, home, private, monkeypatch, run_id=7)
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

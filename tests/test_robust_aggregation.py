@@ -12,7 +12,14 @@ import pytest
 
 from common import keys
 from server.registry import RunFolder
-from tests.inprocess import InProcessGrid, real_site, run_server, scaled, signing_keys
+from tests.inprocess import (
+    BASELINE_POLICY,
+    InProcessGrid,
+    real_site,
+    run_server,
+    scaled,
+    signing_keys,
+)
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 CONFIG = {"task": "lung-seg", "model": "unet", "image-size": 32, "num-rounds": 3,
@@ -27,7 +34,8 @@ def _federate(tmp_path, phantom_sites, monkeypatch, name: str, settings: dict,
     private, public = signing_keys(tmp_path)
     config = {**CONFIG, **settings}
     sites = {node: real_site(node, f"site-{node}", phantom_sites[h],
-                             tmp_path / name / f"site-{node}", public, config)
+                             tmp_path / name / f"site-{node}", public, config,
+                             policy=BASELINE_POLICY)
              for node, h in HOSPITALS.items()}
     if hostile is not None:
         sites[4] = hostile(sites[4])
@@ -100,7 +108,8 @@ def test_sites_asked_one_at_a_time_give_the_same_model(tmp_path, phantom_sites,
     for name, window in (("all", 0), ("one", 1)):
         config = {**CONFIG, "num-rounds": 1, "local-epochs": 1, "max-sites-in-flight": window}
         sites = {node: real_site(node, f"site-{node}", phantom_sites[h],
-                                 tmp_path / name / f"site-{node}", public, config)
+                                 tmp_path / name / f"site-{node}", public, config,
+                                 policy=BASELINE_POLICY)
                  for node, h in HOSPITALS.items()}
 
         counts = pushes.setdefault(name, [])

@@ -29,6 +29,9 @@ FEDRAD = [sys.executable, "-m", "fedrad.cli"]
 DATA = {"site-1": "hospital-a", "site-2": "hospital-b", "site-3": "hospital-c"}
 SETS = ["num-rounds=4", "min-sites=3", "min-train-sites=2", "secagg-enabled=false",
         "image-size=32", "local-epochs=1", "round-timeout=30.0", "learning-rate=0.01"]
+# These sites allow the deliberate no-SecAgg (and, for the resume test, no-DP) runs.
+POLICY = ["--site-policy", "require-secure-aggregation=false", "--site-policy",
+          "require-dp=false"]
 
 
 def _wait(condition, timeout: float, what: str) -> None:
@@ -99,7 +102,8 @@ def federation(tmp_path_factory, phantom_sites):
         def start_site(site: str) -> subprocess.Popen[bytes]:
             return group.start(site, [*FEDRAD, "site", "start", "--kit", str(kits[site]),
                                       "--data", str(phantom_sites[DATA[site]]),
-                                      "--work-dir", str(tmp / site), "--epsilon-budget", "200"],
+                                      "--work-dir", str(tmp / site), "--epsilon-budget", "200",
+                                      *POLICY],
                                log=tmp / f"{site}.log", cwd=tmp, env={}, grace=30.0)
 
         sites = {site: start_site(site) for site in DATA}

@@ -81,3 +81,42 @@ def test_every_party_builds_the_same_initial_model() -> None:
     config = RunConfig.from_mapping({})
     a, b = plain_state_dict(build_model(config)), plain_state_dict(build_model(config))
     assert isinstance(a, OrderedDict) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_server_that_chose_the_seed_cannot_recompute_the_noise(phantom_sites,
+                                                                  tmp_path) -> None:
+    """Two DP trainings from identical inputs (run config and seed, global model, data):
+    with noise from the run's seed they were identical, so the server could regenerate
+    the noise and subtract it. Now they differ by the noise alone: one SGD step on the
+    whole batch (q = 1), so w1 - w2 = lr·(n2 - n1)/B with per-coordinate std
+    lr·σ·C·√2/B."""
+    torch.set_num_threads(2)
+    config = RunConfig.from_mapping({"image-size": 32, "local-epochs": 1, "batch-size": 8,
+                                     "optimizer": "sgd", "learning-rate": 0.1,
+                                     "augment": False, "seed": 42})
+    dataset = load_site_dataset(phantom_sites["hospital-a"], tmp_path, DataSpec(image_size=32))
+    trained = []
+    for _ in range(2):
+        algo = SegmentationAlgo(config, dataset, torch.device("cpu"))
+        assert algo.num_train == 8
+        result = algo.train(server_round=1, noise_multiplier=1.0, max_grad_norm=1.0)
+        assert result.steps == 1 and result.sample_rate == 1.0
+        trained.append(np.concatenate([a.ravel() for a in algo.get_weights()]))
+    difference = trained[0] - trained[1]
+    expected = 0.1 * 1.0 * 1.0 * np.sqrt(2) / 8
+    assert float(np.std(difference)) == pytest.approx(expected, rel=0.05)
+    assert abs(float(np.mean(difference))) < 5 * expected / np.sqrt(difference.size)
+
+
+def test_dp_training_refuses_an_engine_seeded_from_outside() -> None:
+    from opacus import PrivacyEngine
+
+    from client.dp_optimizer import make_private
+
+    model = build_model(RunConfig.from_mapping({"image-size": 32}))
+    data = torch.utils.data.TensorDataset(torch.zeros(2, 1, 32, 32), torch.zeros(2, 1, 32, 32))
+    with pytest.raises(TypeError, match="SitePrivacyEngine"):
+        make_private(PrivacyEngine(accountant="rdp"), model,  # type: ignore[arg-type]
+                     torch.optim.SGD(model.parameters(), lr=0.1),
+                     torch.utils.data.DataLoader(data, batch_size=2), noise_multiplier=1.0,
+                     max_grad_norm=1.0)

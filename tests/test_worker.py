@@ -62,10 +62,17 @@ def test_worker_trains_like_the_clientapp_process_and_stays_warm(site, tmp_path)
     local_config = {**node_config, "work-dir": str(tmp_path / "local-work")}
     local = site_round.train_outcome(**{**request, "node_config": local_config})
     assert remote["site_id"] == "hospital-a" and remote["weight"] == local["weight"]
-    for a, b in zip(remote["update"], local["update"], strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
     assert remote["metrics"][keys.EPSILON_TOTAL] == pytest.approx(
         local["metrics"][keys.EPSILON_TOTAL])
+    # DP noise comes from the OS CSPRNG: the same request gives another update ...
+    assert not all(np.allclose(a, b) for a, b in zip(remote["update"], local["update"],
+                                                     strict=True))
+    # ... and without DP the worker computes what the ClientApp process computes.
+    plain = {**request, "run_id": 9, "run_config": {**RUN_CONFIG, "dp-enabled": False}}
+    remote_plain = worker.call(work, "train", plain)
+    local_plain = site_round.train_outcome(**{**plain, "node_config": local_config})
+    for a, b in zip(remote_plain["update"], local_plain["update"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
     assert remote["metrics"][keys.LOAD_SECONDS] > 0
     second = worker.call(work, "evaluate", {k: v for k, v in request.items() if k != "legacy"})
     assert second["metrics"][keys.LOAD_SECONDS] == 0.0  # warm: no loading, no imports
