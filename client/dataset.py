@@ -61,9 +61,10 @@ class SiteDataset:
     images: np.ndarray  # (N, 1, S, S[, S]) float32 in [0, 1]
     targets: np.ndarray  # segmentation: (N, 1, S, S[, S]) uint8 masks; classification: (N, L)
     groups: np.ndarray  # (N,) int: patient index, for grouped splits
-    content_hash: str  # identifies this dataset in the privacy ledger
+    content_hash: str  # identifies these arrays (cache, audit)
     phi_values: frozenset[str]
     skipped: tuple[Skipped, ...]
+    patients: tuple[str, ...] = ()  # patient key of each group index (the privacy ledger's)
 
     def split(self, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Train/validation indices with every patient on one side only."""
@@ -145,7 +146,7 @@ def _assemble(shard_folder: Path, meta: dict) -> SiteDataset | None:
         targets = np.asarray(meta["labels"], dtype=np.float32)
     else:
         targets = read_rows(shard_folder, [tuple(loc) for loc in meta["targets"]])
-    if images is None or targets is None:
+    if images is None or targets is None or "patients" not in meta:  # (an older cache)
         return None
     return SiteDataset(
         images=images[:, None].astype(np.float32, copy=False),
@@ -154,6 +155,7 @@ def _assemble(shard_folder: Path, meta: dict) -> SiteDataset | None:
         content_hash=str(meta["content_hash"]),
         phi_values=frozenset(meta["phi_values"]),
         skipped=tuple(Skipped(**s) for s in meta["skipped"]),
+        patients=tuple(meta["patients"]),
     )
 
 
@@ -233,6 +235,7 @@ def _meta(found: Ingested, spec: DataSpec, labels_path: Path) -> dict:
         "targets": targets,
         "labels": labels,
         "groups": [order[p] for p in patients],
+        "patients": sorted(order),
         "content_hash": content_hash(pixels, target_arrays),
         "phi_values": sorted(found.scan.phi_values),
         "skipped": [s.__dict__ for s in found.scan.skipped],

@@ -24,7 +24,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 from client import site_logging
 from client.dataset import DataSpec, SiteDataset, load_site_dataset
 from client.errors import budget_refusal, policy_refusal
-from client.ledger import BudgetExceeded, PrivacyLedger, Session, epsilon_of
+from client.ledger import BudgetExceeded, PrivacyLedger, RunCapExceeded, Session
 from client.site_config import AUDIT_FILE, SiteConfig
 from client.training import (
     ClassificationAlgo,
@@ -110,47 +110,35 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
     noise: float | None = None
     ledger: PrivacyLedger | None = None
     if config.dp.enabled:
-        delta = site.policy.delta_for(config, default_delta(algo.num_train))
-        ledger = PrivacyLedger(site.work_dir / LEDGER_FILE, setup.dataset.content_hash,
-                               budget=site.epsilon_budget, delta=delta)
+        ledger = PrivacyLedger(site.work_dir / LEDGER_FILE, budget=site.epsilon_budget,
+                               delta=site.policy.delta_for(config,
+                                                           default_delta(algo.num_train)))
+        cohort = algo.cohort
         noise = ledger.run_noise_multiplier(run_id) or plan_noise_multiplier(
-            config, num_train=algo.num_train, delta=ledger.delta
-        )
+            config, num_train=algo.num_train, delta=ledger.delta, group=max(cohort.values()))
         sample_rate, per_epoch = dp_sampling(algo.num_train, config.batch_size)
-        planned_steps = config.local_epochs * per_epoch
-        planned = Session(run_id, server_round, noise, sample_rate, planned_steps)
-        run_epsilon = epsilon_of([*(s for s in ledger.sessions if s.run_id == run_id),
-                                  planned], ledger.delta)
-        if run_epsilon > site.policy.max_epsilon_per_run:  # whatever num-rounds claimed
-            LOG.warning("round %d refused: the run's ε would reach %.3f, over this site's "
-                        "max-epsilon-per-run %.3f", server_round, run_epsilon,
-                        site.policy.max_epsilon_per_run)
-            _audit(site).append("round-refused", run_id=str(run_id), round=server_round,
-                                reason="max-epsilon-per-run")
-            raise policy_refusal(["max-epsilon-per-run"])
-        try:
-            ledger.check(planned)
-        except BudgetExceeded as exc:
-            LOG.warning("round %d refused: %s", server_round, exc)
-            _audit(site).append("round-refused", run_id=str(run_id), round=server_round,
-                                reason="privacy budget")
-            raise budget_refusal() from exc
+        planned = Session(run_id, server_round, noise, sample_rate,
+                          config.local_epochs * per_epoch)
+        _reserve(ledger, planned, cohort, site)
     else:
         LOG.warning("round %d: differential privacy is OFF for this run (dp-enabled=false)",
                     server_round)
 
     result = algo.train(server_round=server_round, noise_multiplier=noise)
     if ledger is not None and noise is not None:
-        spent = ledger.record(
-            Session(run_id, server_round, noise, result.sample_rate, result.steps)
-        )
-        run_sessions = [s for s in ledger.sessions if s.run_id == run_id]
+        if (result.sample_rate, result.steps) != (planned.sample_rate, planned.steps):
+            LOG.error("round %d: the accountant counted %d steps at q=%.4f, %d at q=%.4f were "
+                      "reserved; the difference is charged too", server_round, result.steps,
+                      result.sample_rate, planned.steps, planned.sample_rate)
+            _reserve(ledger, Session(run_id, server_round, noise, result.sample_rate,
+                                     result.steps), cohort, site)
         metrics.update({
-            keys.EPSILON_TOTAL: spent,
-            keys.EPSILON_ROUND: epsilon_of(run_sessions, ledger.delta),
+            keys.EPSILON_TOTAL: ledger.epsilon(cohort),
+            keys.EPSILON_ROUND: ledger.epsilon(cohort, run_id),
             keys.EPSILON_BUDGET: site.epsilon_budget,
             keys.DELTA: ledger.delta,
             keys.NOISE_MULTIPLIER: noise,
+            keys.IMAGES_PER_PATIENT_MAX: float(max(cohort.values())),
         })
     local = pack(algo.get_weights())
     weight = result.num_examples  # FedAvg weighting ...
@@ -184,6 +172,25 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
                         examples=result.num_examples,
                         epsilon_total=metrics.get(keys.EPSILON_TOTAL))
     return {"update": update, "weight": weight, "metrics": metrics, "site_id": site.site_id}
+
+
+def _reserve(ledger: PrivacyLedger, planned: Session, cohort: dict[str, int],
+             site: SiteConfig) -> None:
+    """Charge `planned` to the cohort's patients before training, or refuse the round:
+    over the run's cap (max-epsilon-per-run, whatever num-rounds claimed) or over the
+    site's total budget. Checked and recorded under the ledger's lock."""
+    try:
+        ledger.reserve(planned, cohort, run_cap=site.policy.max_epsilon_per_run)
+    except RunCapExceeded as exc:
+        LOG.warning("round %d refused: %s", planned.server_round, exc)
+        _audit(site).append("round-refused", run_id=str(planned.run_id),
+                            round=planned.server_round, reason="max-epsilon-per-run")
+        raise policy_refusal(["max-epsilon-per-run"]) from exc
+    except BudgetExceeded as exc:
+        LOG.warning("round %d refused: %s", planned.server_round, exc)
+        _audit(site).append("round-refused", run_id=str(planned.run_id),
+                            round=planned.server_round, reason="privacy budget")
+        raise budget_refusal() from exc
 
 
 def evaluate_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[str, Any],

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.dataset import SiteDataset
 from client.dp_optimizer import SitePrivacyEngine, make_private
+from client.ledger import group_rate
 from common import keys
 from common.config import Optimizer, RunConfig, Strategy, Task
 from common.models import build_model
@@ -72,11 +74,15 @@ def dp_sampling(num_train: int, batch_size: int) -> tuple[float, int]:
     return 1.0 / batches, batches
 
 
-def plan_noise_multiplier(config: RunConfig, *, num_train: int, delta: float) -> float:
-    """σ that spends the run's target ε over its planned rounds x epochs (computed once)."""
+def plan_noise_multiplier(config: RunConfig, *, num_train: int, delta: float,
+                          group: int = 1) -> float:
+    """σ that spends the run's target ε over its planned rounds x epochs (computed once),
+    for a patient with `group` training images (client.ledger's group bound: the
+    subsampled Gaussian of rate 1-(1-q)^k and multiplier σ/k)."""
     sample_rate, per_epoch = dp_sampling(num_train, config.batch_size)
     steps = config.num_rounds * config.local_epochs * per_epoch
-    return _noise_for(config.dp.target_epsilon, delta, sample_rate, steps)
+    return group * _noise_for(config.dp.target_epsilon, delta,
+                              group_rate(sample_rate, group), steps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -150,6 +156,8 @@ class LocalAlgo:
         self.config = config
         self.device = device
         train_idx, val_idx = dataset.split(config.val_fraction, config.seed)
+        self.cohort: dict[str, int] = dict(Counter(  # patient key -> training images
+            dataset.patients[g] for g in dataset.groups[train_idx].tolist()))
         self.train_set = self._tensors(dataset, train_idx)
         self.val_set = self._tensors(dataset, val_idx)
         self.model = build_model(config).to(device)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from client.cache import write_private
-from client.dicom_scan import Skipped
+from client.dicom_scan import Skipped, patient_key
 from client.volumes import VolumeError, load_nifti
 
 if TYPE_CHECKING:
@@ -76,13 +76,15 @@ def load_volume_dataset(root: Path, work_dir: Path, spec: DataSpec) -> SiteDatas
             digest.update(f"|{row[column]}|{stat.st_size if stat else -1}|"
                           f"{stat.st_mtime_ns if stat else -1}".encode())
     cache = work_dir / "cache" / "volumes" / f"{digest.hexdigest()}.npz"
-    if cache.is_file():
+    meta_file = cache.with_suffix(".json")
+    meta = json.loads(meta_file.read_text()) if cache.is_file() and meta_file.is_file() else {}
+    if "patients" in meta:
         with np.load(cache) as stored:
-            meta = json.loads(cache.with_suffix(".json").read_text())
             return SiteDataset(images=stored["images"], targets=stored["targets"],
                                groups=stored["groups"], content_hash=meta["content_hash"],
                                phi_values=frozenset(),
-                               skipped=tuple(Skipped(**s) for s in meta["skipped"]))
+                               skipped=tuple(Skipped(**s) for s in meta["skipped"]),
+                               patients=tuple(meta["patients"]))
     images, targets, patients, skipped = [], [], [], []
     for line, row in enumerate(rows, start=2):
         try:
@@ -114,6 +116,7 @@ def load_volume_dataset(root: Path, work_dir: Path, spec: DataSpec) -> SiteDatas
     masks = np.stack(targets)[:, None]
     groups = np.array([order[p] for p in patients], dtype=np.int64)
     meta = {"content_hash": content_hash(stacked, masks),
+            "patients": [patient_key(f"volume|{p}") for p in sorted(order)],
             "skipped": [s.__dict__ for s in skipped]}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.tmp.npz")
@@ -123,4 +126,4 @@ def load_volume_dataset(root: Path, work_dir: Path, spec: DataSpec) -> SiteDatas
     LOG.info("volumes: %d loaded, %d skipped", len(images), len(skipped))
     return SiteDataset(images=stacked, targets=masks, groups=groups,
                        content_hash=meta["content_hash"], phi_values=frozenset(),
-                       skipped=tuple(skipped))
+                       skipped=tuple(skipped), patients=tuple(meta["patients"]))

@@ -59,7 +59,7 @@ def test_a_float16_update_is_the_float32_update_in_half_the_bytes(phantom_sites,
     from client.site_round import train_outcome
 
     run_config = {"image-size": 32, "local-epochs": 1, "batch-size": 8, "augment": False,
-                  "secagg-enabled": False}
+                  "secagg-enabled": False, "dp-enabled": False}  # DP noise would differ
     wire = pack(to_arrays(plain_state_dict(build_model(RunConfig.from_mapping(run_config)))))
     out = {}
     for dtype in ("float32", "float16"):
