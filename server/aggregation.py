@@ -53,14 +53,18 @@ class SiteUpdate:
     weight: float
 
 
-def screen_update(update: SiteUpdate, layout: list[np.ndarray], max_norm: float) -> str | None:
-    """None when the update may be aggregated, else the status word saying why not."""
+def screen_update(update: SiteUpdate, layout: list[np.ndarray], max_norm: float,
+                  max_weight: float = float("inf")) -> str | None:
+    """None when the update may be aggregated, else the status word saying why not.
+
+    A site reports its own FedAvg weight (its number of training examples); one above
+    `max_weight` would let it dominate the mean, and is rejected."""
     if len(update.arrays) != len(layout) or any(
             a.shape != b.shape for a, b in zip(update.arrays, layout, strict=False)):
         return REJECTED_SHAPE
     if not all(all_finite(a) for a in update.arrays):
         return REJECTED_NOT_FINITE
-    if not (np.isfinite(update.weight) and update.weight > 0):
+    if not (np.isfinite(update.weight) and 0 < update.weight <= max_weight):
         return REJECTED_WEIGHT
     if max_norm > 0 and global_norm(update.arrays) > max_norm:
         return REJECTED_NORM
@@ -77,9 +81,10 @@ class UpdatePool:
     """
 
     def __init__(self, layout: list[np.ndarray], *, max_norm: float, keep: bool,
-                 uniform: bool) -> None:
+                 uniform: bool, max_weight: float = float("inf")) -> None:
         self.layout = layout
         self.max_norm = max_norm
+        self.max_weight = max_weight
         self.keep = keep
         self.uniform = uniform
         self.kept: list[SiteUpdate] = []
@@ -90,7 +95,7 @@ class UpdatePool:
 
     def add(self, update: SiteUpdate) -> str | None:
         """Screen and take `update`; the rejection status word, or None if accepted."""
-        reason = screen_update(update, self.layout, self.max_norm)
+        reason = screen_update(update, self.layout, self.max_norm, self.max_weight)
         if reason is not None:
             return reason
         if self._mean is not None:

@@ -196,6 +196,10 @@ def main(grid: Grid, context: Context) -> None:
     )
     if not config.secagg.enabled:
         LOG.warning("SecAgg+ is OFF: the server sees each site's individual update")
+        if config.faults.max_update_norm == 0:
+            LOG.warning("max-update-norm is 0: a site's update of any size is accepted "
+                        "(weights above secagg-max-weight are still rejected); set a bound "
+                        "for runs without SecAgg+")
     if not config.dp.enabled:
         LOG.warning("differential privacy is OFF for this run")
     registered = registered_sites()  # node id → site, from the node keys the server holds
@@ -265,7 +269,8 @@ def main(grid: Grid, context: Context) -> None:
                              sha256=digest_arrays(global_arrays))
             pool = UpdatePool(global_arrays, max_norm=config.faults.max_update_norm,
                               keep=aggregator.needs_every_update or config.faults.cross_site,
-                              uniform=central is not None)
+                              uniform=central is not None,
+                              max_weight=config.secagg.max_weight)
             train = train_round(grid, context, config, server_round=server_round,
                                 global_arrays=global_arrays, node_ids=node_ids,
                                 signature=sign_model(signer, global_arrays, context.run_id,

@@ -133,9 +133,9 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
         record = reply.content.array_records.get(keys.UPDATE)
         del reply
         try:  # views into the reply's own bytes: folding it copies nothing
-            arrays = ([np.asarray(a, dtype=np.float32)  # float16 travels too
-                       for a in numpy_views(record)] if record is not None else [])
-        except ValueError:  # not an .npy array (UpdateError too): not what a site sends
+            arrays = ([_float_view(a) for a in numpy_views(record)]
+                      if record is not None else [])
+        except (ValueError, TypeError):  # not float .npy arrays: not what a site sends
             out.statuses[node] = REJECTED_MALFORMED
             continue
         finally:
@@ -149,6 +149,17 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
         out.statuses.setdefault(node, NO_REPLY)
     _release_answered(request, out)
     return out
+
+
+_UPDATE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+def _float_view(array: np.ndarray) -> np.ndarray:
+    """An update array as float32 (float16 travels too); any other dtype (integers,
+    structured or object arrays) is refused as malformed."""
+    if array.dtype not in _UPDATE_DTYPES:
+        raise TypeError(f"update array of dtype {array.dtype}")
+    return np.asarray(array, dtype=np.float32)
 
 
 def _evaluation(server_round: int, global_arrays: list[np.ndarray], node_ids: list[int],
