@@ -123,6 +123,9 @@ def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     return cert, key
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+
+
 def issue_server_cert(folder: Path, hosts: list[str]) -> ServerTLS:
     """Issue the SuperLink's TLS certificate, signed by the CA in `folder`.
 
@@ -133,7 +136,9 @@ def issue_server_cert(folder: Path, hosts: list[str]) -> ServerTLS:
     ca_cert, ca_key = _load_ca(folder)
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
-    for host in hosts:
+    # The SuperLink itself listens on loopback (its Control API must not be public) and
+    # the Fleet gateway, the coordinator's CLI and the ServerApp reach it there.
+    for host in [*hosts, *(h for h in LOOPBACK_NAMES if h not in hosts)]:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
@@ -197,3 +202,13 @@ def create_signing_key(folder: Path) -> tuple[Path, Path]:
     _write_new(priv_path, priv, private=True)
     _write_new(pub_path, pub + b"\n", private=False)
     return priv_path, pub_path
+
+
+def serves_loopback(cert_path: Path) -> bool:
+    """Whether a server certificate names 127.0.0.1 (the SuperLink's own listener)."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)

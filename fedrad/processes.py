@@ -167,6 +167,14 @@ def superlink_command(*, host: str, port: int, ca_cert: Path, cert: Path, key: P
     ]
 
 
+def gateway_command(*, listen: str, upstream: str, ca_cert: Path, cert: Path,
+                    key: Path) -> list[str]:
+    """fedrad's Fleet gateway (fedrad.fleet_gateway): the public listener."""
+    return [sys.executable, "-m", "fedrad.fleet_gateway", "--listen", listen,
+            "--upstream", upstream, "--certfile", str(cert), "--keyfile", str(key),
+            "--ca-certfile", str(ca_cert)]
+
+
 def node_config_arg(values: dict[str, Any]) -> str:
     """Flower's `--node-config` syntax: space separated key=value, strings quoted."""
     parts = []

@@ -19,6 +19,7 @@ from typing import Any
 
 from common.audit import AuditLog, digest
 from common.model_signing import SIGNING_KEY_ENV
+from common.pki import ProvisioningError, serves_loopback
 from fedrad import processes as proc
 from fedrad.app_registry import REGISTRY_ENV, AppRegistry
 from fedrad.consortium import Consortium, load_consortium
@@ -112,17 +113,25 @@ def start_server(consortium_folder: Path, *, host: str, port: int,
     home = ServerHome(consortium.folder, state.resolve() if state else None)
     home.root.mkdir(parents=True, exist_ok=True)
     home.ready.unlink(missing_ok=True)
+    if not serves_loopback(consortium.tls.server_cert):
+        raise ProvisioningError(
+            f"{consortium.tls.server_cert} does not name 127.0.0.1, where the SuperLink now "
+            "listens (its Control API stays off the network); issue a new server "
+            "certificate with `fedrad consortium init` or add 127.0.0.1 to its hosts")
     reach = "127.0.0.1" if host in {"0.0.0.0", "::"} else host  # noqa: S104
     address = f"{reach}:{port}"
-    proc.write_cli_config(home.cli_home, name="fedrad", address=address,
+    control = f"127.0.0.1:{proc.free_port()}"  # SuperLink: Control + runtime + Fleet
+    proc.write_cli_config(home.cli_home, name="fedrad", address=control,
                           ca_cert=consortium.tls.ca_cert)
     signal.signal(signal.SIGTERM, _raise_stop)
     log = home.root / "superlink.log"
     try:
         with AppRegistry(consortium.folder) as registry, proc.ProcessGroup() as group:
+            control_port = int(control.rpartition(":")[2])
             superlink = group.start(
                 "superlink",
-                proc.superlink_command(host=host, port=port, ca_cert=consortium.tls.ca_cert,
+                proc.superlink_command(host="127.0.0.1", port=control_port,
+                                       ca_cert=consortium.tls.ca_cert,
                                        cert=consortium.tls.server_cert,
                                        key=consortium.tls.server_key,
                                        database=home.root / "state.db"),
@@ -131,17 +140,30 @@ def start_server(consortium_folder: Path, *, host: str, port: int,
                      SIGNING_KEY_ENV: str(consortium.folder / "signing.key"),
                      REGISTRY_ENV: registry.api_url},
             )
-            proc.wait_for_port(port, 60, superlink, log, host=reach)
+            proc.wait_for_port(control_port, 60, superlink, log)
+            gateway_log = home.root / "gateway.log"
+            gateway = group.start(
+                "gateway",
+                proc.gateway_command(listen=f"{host}:{port}", upstream=control,
+                                     ca_cert=consortium.tls.ca_cert,
+                                     cert=consortium.tls.server_cert,
+                                     key=consortium.tls.server_key),
+                log=gateway_log, cwd=home.root, env={})
+            proc.wait_for_port(port, 60, gateway, gateway_log, host=reach)
             nodes = sync_sites(consortium, home)
             active = sorted(s for s, n in nodes.items() if n["status"] == "registered")
             home.audit.append("server-started", address=address, sites=active)
-            _save(home.ready, {"pid": os.getpid(), "address": address,
+            _save(home.ready, {"pid": os.getpid(), "address": address, "control": control,
                                "registry": registry.url, "sites": active})
-            say(f"SuperLink on {host}:{port} (TLS, node authentication); sites: "
+            say(f"Fleet API on {host}:{port} (TLS, node authentication; Control API on "
+                f"{control} only); sites: "
                 f"{', '.join(active) or 'none yet'}; signed apps served from "
                 f"{registry.url}; logs in {log}")
-            while superlink.poll() is None:
+            while superlink.poll() is None and gateway.poll() is None:
                 time.sleep(0.5)
+            if superlink.poll() is None:
+                say(f"the Fleet gateway exited with {gateway.returncode}; see {gateway_log}")
+                return int(gateway.returncode)
             return int(superlink.returncode)
     except (_Stop, KeyboardInterrupt):
         say("stopping the SuperLink")

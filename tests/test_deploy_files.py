@@ -94,7 +94,7 @@ def _render(template: str, values: dict) -> str:
         return node
 
     lines = [line for line in template.splitlines()
-             if not re.fullmatch(r"\s*\{\{-? (if|end|with|else)\b.*\}\}\s*", line)]
+             if not re.fullmatch(r"\s*\{\{-? (if|end|with|else|fail)\b.*\}\}\s*", line)]
     text = "\n".join(lines)
     text = re.sub(r"\{\{ toJson (\S+) \}\}", lambda m: json.dumps(lookup(m.group(1))), text)
     return re.sub(r"\{\{ (\.\S+) \}\}", lambda m: str(lookup(m.group(1))), text)
@@ -120,6 +120,10 @@ def test_the_helm_chart_renders_to_valid_objects_that_run_fedrad() -> None:
     assert [c["metadata"]["name"] for c in claims] == ["state"]
     assert objects["Service"]["spec"]["ports"][0]["port"] == values["superlink"]["port"]
     assert int(flags["--port"]) == values["superlink"]["port"]
+    service = (chart / "templates" / "service.yaml").read_text()
+    assert values["service"]["loadBalancerSourceRanges"] == []  # the operator must fill it:
+    assert service.startswith("{{- if not .Values.service.loadBalancerSourceRanges }}\n"
+                              "{{- fail ")  # Helm refuses to render an open port
 
 
 @pytest.mark.parametrize("unit", ["fedrad-site.service", "fedrad-server.service"])

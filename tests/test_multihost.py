@@ -119,6 +119,57 @@ def _flwr(net: Network, home: ServerHome, *args: str) -> dict:
     return dict(data)
 
 
+RAW_REQUEST = """
+import ssl, sys, urllib.error, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[2])
+codes = []
+for path in sys.argv[3:]:
+    request = urllib.request.Request(sys.argv[1] + path, data=b"", method="POST")
+    try:
+        codes.append(urllib.request.urlopen(request, context=context, timeout=10).status)
+    except urllib.error.HTTPError as exc:
+        codes.append(exc.code)
+print(" ".join(map(str, codes)))
+"""
+
+
+def _control_plane_is_closed(net: Network, site: str, tmp_path: Path, kit: Path) -> None:
+    """`flwr ls`, `flwr supernode register` and `flwr run` from `site`'s namespace fail
+    against the server's public address; raw requests to the control and runtime routes
+    get 404; the Fleet API still answers (a 4xx for an unsigned request, not a 404)."""
+    from fedrad.kit import open_kit
+
+    ca = tmp_path / "outsider-ca.pem"
+    ca.write_bytes(open_kit(kit, None).files["ca.pem"])
+    home = tmp_path / "outsider-cli"
+    address = f"{net.server_ip[site]}:{PORT}"
+    proc.write_cli_config(home, name="public", address=address, ca_cert=ca)
+    impostor = tmp_path / "impostor"
+    impostor.mkdir()
+    from common.pki import create_node_keys
+
+    key = create_node_keys(impostor, "impostor").public_key
+    run_config = tmp_path / "outsider.toml"
+    run_config.write_text("num-rounds = 1\n")
+    for args in (("ls",), ("supernode", "register", str(key)),
+                 ("run", "@fedrad/fedrad==0.1.0", "--run-config", str(run_config))):
+        result = subprocess.run(
+            [*_ns(net.sites[site]), str(proc.BIN / "flwr"), *args, "--format", "json"],
+            env=proc.child_env({"FLWR_HOME": str(home)}), capture_output=True, text=True,
+            timeout=120, check=False)
+        out = result.stdout
+        assert result.returncode != 0 or '"success": false' in out.replace("\n", " "), (
+            args, out)
+    paths = ["/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/get-nodes",
+             "/v1/fleet/register-node", "/docs", "/v1/fleet/get-run"]
+    codes = subprocess.run(
+        [*_ns(net.sites[site]), sys.executable, "-c", RAW_REQUEST, f"https://{address}",
+         str(ca), *paths], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    assert codes[:5] == ["404"] * 5, codes
+    assert codes[5] != "404" and codes[5].startswith("4"), codes  # reached, unauthenticated
+
+
 def _rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
@@ -177,6 +228,10 @@ def test_a_federation_across_network_namespaces(tmp_path, phantom_sites) -> None
                      f"sys.exit(s.connect_ex(('{net.site_ip[site]}', {port})))"],
                     timeout=30, check=False)
                 assert reach.returncode != 0, f"server reached {site}:{port}"
+
+        # (2b) From a hospital's namespace, with the CA every kit carries, the control
+        # plane is out of reach on the server's public address; the Fleet API answers.
+        _control_plane_is_closed(net, "hospital-a", tmp_path, kits["hospital-a"])
 
         values = load_run_config(CONFIGS / "demo.toml", {
             "num-rounds": 2, "min-sites": 2, "secagg-allow-fewer-sites": True,

@@ -221,3 +221,43 @@ def test_sites_are_revoked_on_the_running_server_and_state_survives_a_restart(
     assert json.loads(home.nodes.read_text())["hospital-a"]["node_id"] == federation["node_id"]
     assert len(audited("server-started")) == 2
     assert len(audited("site-registered")) == registrations  # nothing registered again
+
+
+@pytest.mark.deployment
+def test_a_party_with_the_kits_ca_cannot_use_the_control_plane_on_the_public_port(
+        federation) -> None:
+    """Before the Fleet gateway, anyone holding the CA certificate every kit carries could
+    `flwr ls` the runs, `flwr supernode register` a new "hospital" and start runs on the
+    public port. Now only the Fleet routes pass there; the federation goes on."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    consortium, home, port = federation["consortium"], federation["home"], federation["port"]
+    outsider = federation["out"] / "outsider-cli"
+    proc.write_cli_config(outsider, name="public", address=f"127.0.0.1:{port}",
+                          ca_cert=consortium.tls.ca_cert)
+    elsewhere = init_consortium(federation["out"] / "elsewhere", "x", ["127.0.0.1"], port)
+    impostor = add_site(elsewhere, "impostor").public_key
+    before = _nodes(home)
+    config = federation["out"] / "outsider-run.toml"
+    config.write_text('num-rounds = 1\n')
+    for args in (("ls",), ("supernode", "register", str(impostor)),
+                 ("run", federation["signed"].spec(), "--run-config", str(config)),
+                 ("supernode", "ls")):
+        with pytest.raises(proc.DeploymentError):
+            proc.flwr_json(outsider, *args)
+    context = ssl.create_default_context(cafile=str(consortium.tls.ca_cert))
+    for path in ("/v1/control/list-runs", "/v1/control/register-node",
+                 "/v1/runtime/get-nodes", "/v1/runtime/pull-task-input",
+                 "/v1/fleet/register-node", "/docs", "/openapi.json", "/health"):
+        request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=b"",
+                                         method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, context=context, timeout=10)
+        assert refused.value.code == 404, path
+    after = _nodes(home)
+    assert after == before  # no node was added; hospital-a is still online
+    assert after[federation["node_id"]] == "online"
+    # the coordinator's own CLI (on the server host, loopback Control API) still works
+    assert "runs" in proc.flwr_json(home.cli_home, "ls")
