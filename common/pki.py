@@ -187,8 +187,14 @@ def create_node_keys(folder: Path, site: str) -> NodeKeys:
     return keys
 
 
-def create_signing_key(folder: Path) -> tuple[Path, Path]:
-    """Create the consortium's Ed25519 model/app signing key pair."""
+MODEL_SIGNING = "signing"  # the server's key: global models (signing.key / signing.pub)
+CODE_SIGNING = "code-signing"  # the coordinator's offline key: ClientApp code
+
+
+def create_signing_key(folder: Path, name: str = MODEL_SIGNING) -> tuple[Path, Path]:
+    """Create an Ed25519 signing key pair `<name>.key` / `<name>.pub` in `folder`: the
+    server's model-signing key (MODEL_SIGNING) or the coordinator's code-signing key
+    (CODE_SIGNING), which never leaves the coordinator's machine."""
     key = ed25519.Ed25519PrivateKey.generate()
     priv = key.private_bytes(
         serialization.Encoding.PEM,
@@ -198,7 +204,7 @@ def create_signing_key(folder: Path) -> tuple[Path, Path]:
     pub = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    priv_path, pub_path = folder / "signing.key", folder / "signing.pub"
+    priv_path, pub_path = folder / f"{name}.key", folder / f"{name}.pub"
     _write_new(priv_path, priv, private=True)
     _write_new(pub_path, pub + b"\n", private=False)
     return priv_path, pub_path

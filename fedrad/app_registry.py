@@ -31,7 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from common.pki import ProvisioningError
+from common.pki import CODE_SIGNING, ProvisioningError
 
 REGISTRY_ENV = "FLWR_SUPERGRID_API_URL"  # read by the SuperLink when it fetches an app
 INDEX = "index.json"
@@ -87,10 +87,15 @@ def sign_app(consortium: Path, app_dir: Path) -> SignedApp:
     """
     from flwr.cli.build import build_fab_from_disk
 
-    key = serialization.load_pem_private_key((consortium / "signing.key").read_bytes(),
-                                             password=None)
+    key_path = consortium / f"{CODE_SIGNING}.key"
+    if not key_path.is_file():
+        raise ProvisioningError(
+            f"{key_path} not found: apps are signed on the coordinator's machine with the "
+            "offline code-signing key, never on the server (which holds the model-signing "
+            "key only)")
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise ProvisioningError(f"{consortium / 'signing.key'} is not an Ed25519 key")
+        raise ProvisioningError(f"{key_path} is not an Ed25519 key")
     fab = build_fab_from_disk(app_dir)
     app_id, version = _fab_metadata(fab)
     digest = hashlib.sha256(fab).hexdigest()
@@ -109,7 +114,7 @@ def sign_app(consortium: Path, app_dir: Path) -> SignedApp:
     signature = base64.urlsafe_b64encode(key.sign(message)).decode().rstrip("=")
     app = SignedApp(app_id=app_id, version=version, sha256=digest, signed_at=signed_at,
                     signature=signature,
-                    key_id=key_id((consortium / "signing.pub").read_bytes().strip()))
+                    key_id=key_id((consortium / f"{CODE_SIGNING}.pub").read_bytes().strip()))
     apps.mkdir(exist_ok=True)
     (apps / f"{digest}.fab").write_bytes(fab)
     index.append(app.__dict__)
@@ -117,6 +122,11 @@ def sign_app(consortium: Path, app_dir: Path) -> SignedApp:
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, apps / INDEX)
     return app
+
+
+def signed_hashes(consortium: Path) -> list[str]:
+    """The sha256 of every app build the consortium signed (what a new kit pins)."""
+    return [entry["sha256"] for entry in _load_index(consortium / "apps")]
 
 
 def latest(consortium: Path, app_id: str, version: str | None = None) -> SignedApp | None:

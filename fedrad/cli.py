@@ -50,7 +50,8 @@ def consortium_init(
         init_consortium(folder, name, host or ["127.0.0.1", "localhost"], port)
     except ProvisioningError as exc:
         raise typer.BadParameter(str(exc), param_hint="--folder") from exc
-    typer.echo(f"consortium {name!r} in {folder}: ca.crt, server.pem/.key, signing.key/.pub")
+    typer.echo(f"consortium {name!r} in {folder}: ca.crt, server.pem/.key, signing.key/.pub "
+               "(models, for the server), code-signing.key/.pub (apps; keep it offline)")
 
 
 @consortium_app.command("add-site")
@@ -335,6 +336,9 @@ def site_start(
     site_policy: Annotated[list[str] | None, typer.Option(
         "--site-policy", help="Override a policy key of the node config, e.g. "
         "max-epsilon-per-run=4 (repeatable; strict defaults otherwise)")] = None,
+    allow_app: Annotated[list[str] | None, typer.Option(
+        "--allow-app", help="Also run the signed app build with this sha256 (beside the "
+        "kit's apps.json; repeatable)")] = None,
 ) -> None:
     """This hospital's node: SuperNode (TLS, node key, signed apps only) + site worker."""
     import tomllib
@@ -360,7 +364,12 @@ def site_start(
         if missing:
             raise ConfigError(f"missing {missing}: pass --data, --work-dir and "
                               "--epsilon-budget, or --config with those keys")
+        pins = tuple(allow_app or [])
+        if any(len(p) != 64 or set(p) - set("0123456789abcdef") for p in pins):
+            raise typer.BadParameter("--allow-app takes a FAB's sha256 (64 hex digits)",
+                                     param_hint="--allow-app")
         code = start_site(opened, values, superlink=superlink, say=typer.echo, worker=worker,
+                          allow_apps=pins,
                           warm_launcher=warm_launcher)
     except KitError as exc:
         raise typer.BadParameter(str(exc), param_hint="--kit") from exc

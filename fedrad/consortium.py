@@ -13,7 +13,7 @@ from typing import Any
 
 from common import pki
 from fedrad import kit
-from fedrad.app_registry import trusted_entities
+from fedrad.app_registry import signed_hashes, trusted_entities
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -42,7 +42,8 @@ def init_consortium(folder: Path, name: str, hosts: list[str], port: int = 9092
     folder.mkdir(parents=True, exist_ok=True)
     pki.create_ca(folder, name)
     tls = pki.issue_server_cert(folder, hosts)
-    pki.create_signing_key(folder)
+    pki.create_signing_key(folder, pki.MODEL_SIGNING)  # exported to the server
+    pki.create_signing_key(folder, pki.CODE_SIGNING)  # stays here (offline)
     (folder / "consortium.json").write_text(json.dumps(
         {"name": name, "hosts": hosts, "superlink": f"{hosts[0]}:{port}"}, indent=1))
     return Consortium(folder=folder, tls=tls)
@@ -86,13 +87,18 @@ def startup_kit(consortium: Consortium, site: str, passphrase: str | None = None
     info = consortium.info
     node_config = (f'site-id = "{site}"\ndata-dir = "/path/to/dicom-export"\n'
                    'work-dir = "/var/lib/fedrad"\nepsilon-budget = 10.0\n')
-    signing_pub = consortium.folder / "signing.pub"
+    code_pub = consortium.folder / f"{pki.CODE_SIGNING}.pub"
+    if not code_pub.is_file():
+        raise pki.ProvisioningError(
+            f"{consortium.folder} has no {code_pub.name} (a consortium from before code and "
+            "models were signed with separate keys); run `fedrad consortium init` anew")
     data = kit.build({
         "ca.pem": consortium.tls.ca_cert.read_bytes(),
         "node.key": keys.private_key.read_bytes(),
         "node.pub": keys.public_key.read_bytes(),
-        "signing.pub": signing_pub.read_bytes(),
-        "trusted-entities.yaml": trusted_entities(signing_pub).encode(),
+        "signing.pub": (consortium.folder / f"{pki.MODEL_SIGNING}.pub").read_bytes(),
+        "trusted-entities.yaml": trusted_entities(code_pub).encode(),
+        "apps.json": json.dumps({"apps": signed_hashes(consortium.folder)}).encode(),
         "kit.json": json.dumps({"site": site, "consortium": info["name"],
                                 "superlink": info["superlink"]}).encode(),
         "node-config.toml": node_config.encode(),
@@ -114,6 +120,8 @@ def export_server(consortium: Consortium, out: Path) -> list[Path]:
     if out.exists() and any(out.iterdir()):
         raise pki.ProvisioningError(f"{out} is not empty; choose a new folder")
     folder = consortium.folder
+    # The model-signing key goes to the server; the code-signing key never does (a
+    # compromised server must not be able to sign code that runs at every hospital).
     wanted = [folder / n for n in ("ca.crt", "server.pem", "server.key", "signing.key",
                                    "signing.pub", "consortium.json", "revoked.json")]
     wanted += sorted((folder / "sites").glob("*.pub")) + sorted((folder / "apps").glob("*"))

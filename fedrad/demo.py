@@ -93,11 +93,11 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
     port = proc.free_port()
     consortium = init_consortium(out / "consortium", "fedrad-demo", ["127.0.0.1", "localhost"],
                                  port)
+    signed = sign_app(consortium.folder, APP_DIR)  # before the kits, which pin it
     kits = {}
     for site in sites:
         add_site(consortium, site)
         kits[site] = startup_kit(consortium, site)
-    signed = sign_app(consortium.folder, APP_DIR)
     home = ServerHome(consortium.folder)
     logs = out / "logs"
     with proc.ProcessGroup() as group:

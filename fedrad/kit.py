@@ -21,13 +21,15 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from common.pki import ProvisioningError
 
-SEAL_MAGIC = b"FEDRAD-KIT-SEALED-1\n"
+SEAL_MAGIC = b"FEDRAD-KIT-SEALED-2\n"  # scrypt N = 2^17
+SEAL_MAGIC_V1 = b"FEDRAD-KIT-SEALED-1\n"  # scrypt N = 2^15, still opened
+_SCRYPT_N = {SEAL_MAGIC: 2**17, SEAL_MAGIC_V1: 2**15}
 PASSPHRASE_ENV = "FEDRAD_KIT_PASSPHRASE"  # noqa: S105 (a variable name)
 MIN_PASSPHRASE = 12
 MEMBERS = {  # name → mode when installed
     "ca.pem": 0o644, "node.key": 0o600, "node.pub": 0o644, "signing.pub": 0o644,
-    "trusted-entities.yaml": 0o644, "kit.json": 0o644, "node-config.toml": 0o644,
-    "README.txt": 0o644,
+    "trusted-entities.yaml": 0o644, "apps.json": 0o644, "kit.json": 0o644,
+    "node-config.toml": 0o644, "README.txt": 0o644,
 }
 
 README = """fedrad startup kit for site {site} of consortium {name}
@@ -38,9 +40,12 @@ Start the site with:  fedrad site start --kit <this file> --data /path/to/dicom-
 ca.pem                the consortium CA: the SuperNode trusts the SuperLink's certificate by it
 node.key              this site's node-authentication private key (secret, mode 0600)
 node.pub              its public key (registered with the SuperLink by the coordinator)
-signing.pub           the consortium's Ed25519 key: global models are verified with it
-trusted-entities.yaml the same key for Flower's SuperNode: only ClientApp code the
-                      consortium signed runs here (--trusted-entities)
+signing.pub           the consortium server's model-signing key: every global model is
+                      verified with it before it is loaded
+trusted-entities.yaml the coordinator's code-signing key (kept offline, never on the
+                      server) for Flower's SuperNode: only ClientApp code it signed runs
+apps.json             the signed app builds (sha256) this site runs; any other build,
+                      an older signed version included, is refused
 kit.json              site name, consortium name and the SuperLink's address
 node-config.toml      a template of the site's own settings (data, work folder, budget);
                       nothing from the server can change them
@@ -88,8 +93,8 @@ def build(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def _kdf(salt: bytes) -> Scrypt:
-    return Scrypt(salt=salt, length=32, n=2**15, r=8, p=1)
+def _kdf(salt: bytes, magic: bytes = SEAL_MAGIC) -> Scrypt:
+    return Scrypt(salt=salt, length=32, n=_SCRYPT_N[magic], r=8, p=1)
 
 
 def check_passphrase(passphrase: str) -> str:
@@ -113,15 +118,16 @@ def open_kit(path: Path, passphrase: str | None) -> Kit:
         data = path.read_bytes()
     except OSError as exc:
         raise KitError(f"cannot read the startup kit {path}: {exc.strerror}") from exc
-    if data.startswith(SEAL_MAGIC):
+    magic = next((m for m in _SCRYPT_N if data.startswith(m)), None)
+    if magic is not None:
         if not passphrase:
             raise KitError(f"{path} is sealed with a passphrase; pass --passphrase-file "
                            f"or set ${PASSPHRASE_ENV}")
-        salt = data[len(SEAL_MAGIC):len(SEAL_MAGIC) + 16]
-        nonce = data[len(SEAL_MAGIC) + 16:len(SEAL_MAGIC) + 28]
-        key = _kdf(salt).derive(passphrase.encode())
+        salt = data[len(magic):len(magic) + 16]
+        nonce = data[len(magic) + 16:len(magic) + 28]
+        key = _kdf(salt, magic).derive(passphrase.encode())
         try:
-            data = AESGCM(key).decrypt(nonce, data[len(SEAL_MAGIC) + 28:], SEAL_MAGIC + salt)
+            data = AESGCM(key).decrypt(nonce, data[len(magic) + 28:], magic + salt)
         except InvalidTag as exc:
             raise KitError(f"{path}: wrong passphrase, or the kit was altered") from exc
     try:

@@ -16,12 +16,23 @@ Flower's SecAgg+ quantisation draws from (Python's `random` reseeds itself on fo
 imports none of the app's packages (client, common, server), so each child loads the
 run's signed FAB, as `flwr-clientapp` does.
 
+Trust runs both ways. The launcher proves itself to the SuperNode with the secret; the
+SuperNode proves itself to the launcher with a TLS certificate that `fedrad site start`
+issues afresh at every start (`--runtime-ca`): whatever else answers on the Runtime API
+port (another process that won the port, a restarted impostor) gets no request at all.
+And each child installs only a FAB whose sha256 the site pinned (`--allowed-apps`, the
+kit's apps.json): an older signed build, or a FAB served by anything but the real
+SuperNode, is refused before it is installed or imported.
+
 Usage: python -m fedrad.launcher --runtime-api-address 127.0.0.1:PORT --secret-file F
+           --runtime-ca CERT --allowed-apps APPS.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -30,6 +41,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -41,6 +53,7 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry import RetryInvoker, constant
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime import run_clientapp as runtime_module
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
 LOG = logging.getLogger("fedrad.launcher")
@@ -56,10 +69,40 @@ class SecretRefused(RuntimeError):
     """The SuperNode does not accept this launcher's SuperExec secret."""
 
 
-def runtime_client(address: str, secret: bytes) -> RuntimeHttpClient:
-    """A client of the SuperNode's Runtime API that may claim tasks (as `flower-superexec`)."""
+class FabRefused(RuntimeError):
+    """The run's FAB is not one of the builds this site pinned."""
+
+
+def pin_fabs(allowed: frozenset[str]) -> None:
+    """In a child: Flower installs only a FAB whose sha256 is in `allowed`."""
+    install = runtime_module.install_from_fab
+
+    def pinned(content: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(content, bytes):  # Flower's runtime passes the FAB's bytes
+            raise FabRefused("a FAB given by path is not checked here; refused")
+        digest = hashlib.sha256(content).hexdigest()
+        if digest not in allowed:
+            LOG.error("FAB %s... is not pinned by this site (apps.json); refused", digest[:12])
+            raise FabRefused(f"FAB sha256 {digest} is not pinned by this site")
+        return install(content, *args, **kwargs)
+
+    runtime_module.install_from_fab = pinned  # type: ignore[assignment]
+
+
+def read_pins(path: Path, extra: list[str]) -> frozenset[str]:
+    """The pinned FAB hashes: the kit's apps.json and the operator's --allow-app."""
+    pins = set(json.loads(path.read_text())["apps"]) | set(extra)
+    if not pins:
+        LOG.error("no app is pinned (%s is empty and no --allow-app was given): every "
+                  "ClientApp will be refused", path)
+    return frozenset(pins)
+
+
+def runtime_client(address: str, secret: bytes, ca: bytes) -> RuntimeHttpClient:
+    """A client of the SuperNode's Runtime API that may claim tasks (as `flower-superexec`),
+    over TLS verified with the certificate `fedrad site start` issued to the SuperNode."""
     return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,
+        server_address=address, insecure=False, root_certificates=ca,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                       SuperExecAuthHttpInterceptor(master_secret=secret,
                                                    protected_methods=frozenset({_ACQUIRE}))],
@@ -69,11 +112,14 @@ def runtime_client(address: str, secret: bytes) -> RuntimeHttpClient:
     )
 
 
-def run_task(address: str, token: str, parent_pid: int) -> int:
-    """In a forked child: Flower's ClientApp runtime for one task; the exit code."""
+def run_task(address: str, token: str, parent_pid: int, ca: bytes,
+             pins: frozenset[str]) -> int:
+    """In a forked child: Flower's ClientApp runtime for one task (TLS to the SuperNode,
+    pinned FABs only); the exit code."""
     try:
-        run_clientapp(runtime_api_address=address, token=token, insecure=True,
-                      certificates=None, parent_pid=parent_pid,
+        pin_fabs(pins)
+        run_clientapp(runtime_api_address=address, token=token, insecure=False,
+                      certificates=ca, parent_pid=parent_pid,
                       runtime_dependency_install=False)
     except SystemExit as exc:  # Flower ends every task with flwr_exit -> sys.exit
         return exc.code if isinstance(exc.code, int) else 1
@@ -104,6 +150,8 @@ class Launcher:
 
     address: str
     secret: bytes
+    ca: bytes
+    pins: frozenset[str]
     children: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> task, start
     launched: int = 0
     failed: int = 0
@@ -120,7 +168,7 @@ class Launcher:
                       response.task.task_id, response.task.type)
             return False
         token, me = response.token, os.getpid()
-        pid = fork_task(lambda: run_task(self.address, token, me))
+        pid = fork_task(lambda: run_task(self.address, token, me, self.ca, self.pins))
         self._last_task = time.monotonic()
         self.children[pid] = (response.task.task_id, self._last_task)
         self.launched += 1
@@ -150,7 +198,7 @@ class Launcher:
     def serve(self, stop: Callable[[], bool]) -> None:
         """Poll until `stop()`. A Runtime API that is down (the SuperNode restarting) is
         tried again every RECONNECT_S; one that refuses the secret ends the launcher."""
-        client = runtime_client(self.address, self.secret)
+        client = runtime_client(self.address, self.secret, self.ca)
         try:
             while not stop():
                 self.reap()
@@ -190,6 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--secret-file", type=Path, required=True)
+    parser.add_argument("--runtime-ca", type=Path, required=True,
+                        help="the SuperNode's Runtime API certificate (fedrad site start)")
+    parser.add_argument("--allowed-apps", type=Path, required=True,
+                        help="the kit's apps.json: the FAB builds this site runs")
+    parser.add_argument("--allow-app", action="append", default=[],
+                        help="one more pinned FAB sha256 (repeatable)")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s launcher: %(message)s"))
@@ -198,7 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     LOG.propagate = False
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     check_app_not_imported()
-    launcher = Launcher(args.runtime_api_address, read_secret(args.secret_file))
+    launcher = Launcher(args.runtime_api_address, read_secret(args.secret_file),
+                        args.runtime_ca.read_bytes(), read_pins(args.allowed_apps,
+                                                                args.allow_app))
     parent = os.getppid()
     LOG.info("claiming ClientApp tasks from %s", args.runtime_api_address)
     try:

@@ -195,22 +195,39 @@ def worker_command(*, work_dir: Path) -> list[str]:
     return [sys.executable, "-m", "client.worker", "--work-dir", str(work_dir)]
 
 
-def launcher_command(*, runtime_port: int, secret: Path) -> list[str]:
+@dataclass(frozen=True)
+class RuntimeTLS:
+    """The SuperNode's Runtime API certificate, issued afresh at every site start."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def launcher_command(*, runtime_port: int, secret: Path, tls: RuntimeTLS,
+                     allowed_apps: Path, allow: tuple[str, ...] = ()) -> list[str]:
     """The site's warm ClientApp launcher (fedrad.launcher), in place of `flower-superexec`."""
     return [sys.executable, "-m", "fedrad.launcher",
-            "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--secret-file", str(secret)]
+            "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--secret-file", str(secret),
+            "--runtime-ca", str(tls.ca_cert), "--allowed-apps", str(allowed_apps),
+            *(arg for sha in allow for arg in ("--allow-app", sha))]
 
 
 def supernode_command(*, superlink: str, ca_cert: Path, auth_key: Path, port: int,
                       node_config: dict[str, Any], trusted_entities: Path | None = None,
-                      superexec_secret: Path | None = None, max_retries: int = 20) -> list[str]:
+                      superexec_secret: Path | None = None, max_retries: int = 20,
+                      runtime_tls: RuntimeTLS | None = None) -> list[str]:
     """A SuperNode; with `trusted_entities` it runs only apps signed by those keys. With
     `superexec_secret` it launches no ClientApp itself (`--isolation process`): only a
-    launcher holding that secret may claim its tasks (`launcher_command`)."""
+    launcher holding that secret may claim its tasks (`launcher_command`); with
+    `runtime_tls` its Runtime API speaks TLS with that certificate."""
     trust = ["--trusted-entities", str(trusted_entities)] if trusted_entities else []
     if superexec_secret is not None:
         trust += ["--isolation", "process", "--superexec-auth-secret-file",
                   str(superexec_secret)]
+    if runtime_tls is not None:
+        trust += ["--ssl-certfile", str(runtime_tls.cert), "--ssl-keyfile",
+                  str(runtime_tls.key), "--ssl-ca-certfile", str(runtime_tls.ca_cert)]
     return [
         str(BIN / "flower-supernode"),
         "--root-certificates", str(ca_cert), "--superlink", superlink,

@@ -22,6 +22,7 @@ from typing import Any
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from client.site_config import SiteConfig
+from common import pki
 from common.audit import AuditLog, digest
 from fedrad import processes as proc
 from fedrad.kit import Kit
@@ -72,9 +73,21 @@ def write_secret(path: Path) -> Path:
     return path
 
 
+def runtime_tls(folder: Path) -> proc.RuntimeTLS:
+    """A fresh CA and certificate for the SuperNode's Runtime API on 127.0.0.1 (the
+    launcher verifies the SuperNode by it); the previous start's are removed."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o700, parents=True)
+    ca_cert, _ = pki.create_ca(folder, "fedrad site runtime")
+    tls = pki.issue_server_cert(folder, ["127.0.0.1"])
+    return proc.RuntimeTLS(ca_cert=ca_cert, cert=tls.server_cert, key=tls.server_key)
+
+
 def start_site(kit: Kit, values: dict[str, Any], *, superlink: str | None,
                say: Callable[[str], None], worker: bool = True,
-               warm_launcher: bool = True) -> int:
+               warm_launcher: bool = True, allow_apps: tuple[str, ...] = ()) -> int:
     """Run the site in the foreground; return the SuperNode's exit code.
 
     `warm_launcher` runs ClientApps from fedrad.launcher (Flower imported once, a fork per
@@ -106,15 +119,22 @@ def start_site(kit: Kit, values: dict[str, Any], *, superlink: str | None,
                             log=logs / "worker.log", cwd=work_dir, env={})
             runtime_port = proc.free_port()
             secret = write_secret(kit_dir / "superexec.secret") if warm_launcher else None
-            if secret is not None:
-                group.start("launcher", proc.launcher_command(runtime_port=runtime_port,
-                                                              secret=secret),
+            tls = runtime_tls(kit_dir / "runtime-tls") if warm_launcher else None
+            if secret is not None and tls is not None:
+                group.start("launcher", proc.launcher_command(
+                    runtime_port=runtime_port, secret=secret, tls=tls,
+                    allowed_apps=kit_dir / "apps.json", allow=allow_apps),
                             log=logs / "launcher.log", cwd=work_dir,
                             env={"FLWR_HOME": str(work_dir / "flwr")})
+            else:
+                say("WARNING: --no-warm-launcher: Flower's own SuperExec runs the ClientApps; "
+                    "the Runtime API is plain HTTP on 127.0.0.1, the task token is on its "
+                    "command line and the kit's app pins (apps.json) are not enforced")
             command = proc.supernode_command(
                 superlink=address, ca_cert=kit_dir / "ca.pem", auth_key=kit_dir / "node.key",
                 port=runtime_port, node_config=config,
-                trusted_entities=kit_dir / "trusted-entities.yaml", superexec_secret=secret)
+                trusted_entities=kit_dir / "trusted-entities.yaml", superexec_secret=secret,
+                runtime_tls=tls)
             say(f"site {site}: SuperNode connecting to {address} (TLS, node key "
                 f"{digest(kit.files['node.pub'])[:12]}, signed apps only); logs in {logs}")
             first_try = time.monotonic()

@@ -30,7 +30,7 @@ def test_provisioning_a_consortium_and_its_kits(tmp_path) -> None:
     with tarfile.open(kit) as archive:
         members = {m.name: m for m in archive.getmembers()}
         assert set(members) == {"ca.pem", "node.key", "node.pub", "signing.pub",
-                                "trusted-entities.yaml", "kit.json", "node-config.toml",
+                                "trusted-entities.yaml", "apps.json", "kit.json", "node-config.toml",
                                 "README.txt"}
         assert members["node.key"].mode == 0o600
         assert archive.extractfile("signing.pub").read() == (folder / "signing.pub").read_bytes()

@@ -44,12 +44,32 @@ def test_a_kit_holds_what_a_site_needs_and_installs_private(consortium, tmp_path
     assert kit.info == {"site": "hospital-a", "consortium": "lungs",
                         "superlink": "fl.example.org:9443"}
     assert kit.files["node.key"] == consortium.site_keys("hospital-a").private_key.read_bytes()
-    public = (consortium.folder / "signing.pub").read_bytes().strip()
-    assert kit.files["trusted-entities.yaml"].decode() == f'{key_id(public)}: "{public.decode()}"\n'
+    code = (consortium.folder / "code-signing.pub").read_bytes().strip()
+    assert kit.files["trusted-entities.yaml"].decode() == f'{key_id(code)}: "{code.decode()}"\n'
+    model = (consortium.folder / "signing.pub").read_bytes()
+    assert kit.files["signing.pub"] == model and model.strip() != code  # two keys
+    assert json.loads(kit.files["apps.json"]) == {"apps": []}  # nothing signed yet
     installed = kit.install(tmp_path / "work" / "kit")
     assert stat.S_IMODE(installed.stat().st_mode) == 0o700
     assert stat.S_IMODE((installed / "node.key").stat().st_mode) == 0o600
     assert (installed / "ca.pem").read_bytes() == consortium.tls.ca_cert.read_bytes()
+
+
+def test_a_compromised_server_holds_no_key_that_signs_code_for_the_sites(consortium,
+                                                                          tmp_path) -> None:
+    """The server bundle carries the model-signing key (it signs global models) and never
+    the code-signing key that the sites' trusted entities name: a server cannot sign a
+    ClientApp that runs at the hospitals. A kit made after an app was signed pins it."""
+    bundle = tmp_path / "bundle"
+    names = {p.name for p in export_server(consortium, bundle)}
+    assert "signing.key" in names and "code-signing.key" not in names
+    assert not (bundle / "code-signing.key").exists()
+    with pytest.raises(ProvisioningError, match="offline code-signing key"):
+        sign_app(bundle, APP_DIR)
+    signed = sign_app(consortium.folder, APP_DIR)
+    add_site(consortium, "hospital-b")
+    pins = json.loads(open_kit(startup_kit(consortium, "hospital-b"), None).files["apps.json"])
+    assert pins == {"apps": [signed.sha256]}
 
 
 def test_a_sealed_kit_needs_its_passphrase(consortium) -> None:
@@ -120,7 +140,8 @@ def test_signed_apps_carry_flowers_signature_of_the_fab(consortium) -> None:
     fab = (consortium.folder / "apps" / f"{signed.sha256}.fab").read_bytes()
     assert hashlib.sha256(fab).hexdigest() == signed.sha256
     assert signed.app_id == "@fedrad/fedrad" and signed.spec().startswith("@fedrad/fedrad==")
-    public = serialization.load_ssh_public_key((consortium.folder / "signing.pub").read_bytes())
+    public = serialization.load_ssh_public_key(
+        (consortium.folder / "code-signing.pub").read_bytes())
     message = signed.signed_at.to_bytes(8, "big") + hashlib.sha256(fab).digest()
     padded = signed.signature + "=" * (-len(signed.signature) % 4)
     public.verify(base64.urlsafe_b64decode(padded), message)  # raises if it does not verify

@@ -187,11 +187,11 @@ def test_a_federation_across_network_namespaces(tmp_path, phantom_sites) -> None
     with Network() as net, proc.ProcessGroup() as group:
         consortium = init_consortium(tmp_path / "consortium", "netns",
                                      [net.server_ip[s] for s in SITES] + ["127.0.0.1"], PORT)
+        signed = sign_app(consortium.folder, APP_DIR)  # before the kits, which pin it
         kits = {}
         for site in SITES:
             add_site(consortium, site)
             kits[site] = startup_kit(consortium, site)
-        signed = sign_app(consortium.folder, APP_DIR)
         bundle = tmp_path / "server-bundle"  # what a server host gets: no CA private key
         export_server(consortium, bundle)
         state = tmp_path / "server-state"

@@ -86,11 +86,11 @@ def federation(tmp_path_factory, phantom_sites):
     tmp = tmp_path_factory.mktemp("lifecycle")
     port = proc.free_port()
     consortium = init_consortium(tmp / "consortium", "lifecycle", ["127.0.0.1"], port)
+    sign_app(consortium.folder, APP_DIR)  # before the kits, which pin it
     kits = {}
     for site in DATA:
         add_site(consortium, site)
         kits[site] = startup_kit(consortium, site)
-    sign_app(consortium.folder, APP_DIR)
     home = ServerHome(consortium.folder)
     with proc.ProcessGroup() as group:
         server = group.start("server", [*FEDRAD, "server", "start", "--consortium",

@@ -33,11 +33,11 @@ def test_a_site_stopped_after_key_sharing_is_survived(tmp_path, phantom_sites) -
             "site-4": "hospital-a"}
     port = proc.free_port()
     consortium = init_consortium(tmp_path / "consortium", "dropout", ["127.0.0.1"], port)
+    signed = sign_app(consortium.folder, APP_DIR)  # before the kits, which pin it
     kits = {}
     for site in data:
         add_site(consortium, site)
         kits[site] = startup_kit(consortium, site)
-    signed = sign_app(consortium.folder, APP_DIR)
     home = ServerHome(consortium.folder)
     with proc.ProcessGroup() as group:
         server = group.start("server", [*FEDRAD, "server", "start", "--consortium",

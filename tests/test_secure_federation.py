@@ -45,9 +45,9 @@ def federation(tmp_path_factory, phantom_sites):
     out = tmp_path_factory.mktemp("secure")
     port = proc.free_port()
     consortium = init_consortium(out / "consortium", "secure", ["127.0.0.1"], port)
+    signed = sign_app(consortium.folder, APP_DIR)  # before the kit, which pins it
     add_site(consortium, "hospital-a")
     kit = startup_kit(consortium, "hospital-a")
-    signed = sign_app(consortium.folder, APP_DIR)
     home = ServerHome(consortium.folder)
     with proc.ProcessGroup() as group:
         server = group.start("server", [*FEDRAD, "server", "start", "--consortium",
@@ -159,17 +159,68 @@ def test_the_site_runs_only_code_the_consortium_signed(federation, tmp_path) -> 
         forged_run = _submit(home, federation["signed"].spec(), config)
         _wait(lambda: refusals() >= 2, 120, "the site to refuse the foreign-signed app")
         _stop(home, forged_run)
+        # 2b. A compromised server: it holds the model-signing key and signs the code
+        #     with it. Sites trust only the coordinator's offline code-signing key.
+        entries[0]["signed_at"] = int(time.time())
+        entries[0]["signature"] = _signature(consortium.folder / "signing.key",
+                                             consortium.folder / "apps" /
+                                             f"{entries[0]['sha256']}.fab",
+                                             entries[0]["signed_at"])
+        index_path.write_text(json.dumps(entries))
+        server_signed = _submit(home, federation["signed"].spec(), config)
+        _wait(lambda: refusals() >= 3, 120, "the site to refuse code the server signed")
+        _stop(home, server_signed)
     finally:
         index_path.write_text(genuine)
     assert sent() == 0  # no refused app ever reached the training code
 
+    # 2c. A build the coordinator signed after this site's kit was made (or an older
+    #     one): correctly signed, but not pinned in the kit's apps.json; refused before
+    #     it is installed.
+    newer = _bumped_app(tmp_path / "newer", "0.1.1")
+    unpinned = sign_app(consortium.folder, newer)
+    launcher_log = work / "logs" / "launcher.log"
+    unpinned_run = _submit(home, unpinned.spec(), config)
+    _wait(lambda: "is not pinned by this site" in launcher_log.read_text(), 120,
+          "the site to refuse the unpinned build")
+    _stop(home, unpinned_run)
+    assert sent() == 0
+
     # 3. The consortium's own signature: the site trains and sends its update.
     run_id = _submit(home, federation["signed"].spec(), config)
     _wait(lambda: sent() >= 1, 240, "the signed app to train at the site")
-    assert refusals() == 2
+    assert refusals() == 3
     _wait(lambda: proc.run_status(home.cli_home, run_id).startswith("finished"), 120,
           "the signed run to finish")
     assert proc.run_status(home.cli_home, run_id) == "finished:completed"
+
+
+def _signature(key_path: Path, fab: Path, signed_at: int) -> str:
+    """Flower's app signature (8-byte signed_at + SHA-256 of the FAB) by `key_path`."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    message = signed_at.to_bytes(8, "big") + hashlib.sha256(fab.read_bytes()).digest()
+    return base64.urlsafe_b64encode(key.sign(message)).decode().rstrip("=")  # type: ignore
+
+
+def _bumped_app(folder: Path, version: str) -> Path:
+    """A copy of the app's code under another version (what a later release is)."""
+    import re
+    import shutil
+
+    folder.mkdir(parents=True)
+    for package in ("client", "common", "server"):
+        shutil.copytree(APP_DIR / package, folder / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    text = (APP_DIR / "pyproject.toml").read_text()
+    (folder / "pyproject.toml").write_text(
+        re.sub(r'^version = ".*"$', f'version = "{version}"', text, count=1, flags=re.M))
+    (folder / "README.md").write_text((APP_DIR / "README.md").read_text())
+    return folder
 
 
 def _fedrad(*args: str) -> str:
