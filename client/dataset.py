@@ -181,7 +181,8 @@ def load_site_dataset(root: Path, work_dir: Path, spec: DataSpec, *,
         labels_hash = hashlib.sha256(labels_path.read_bytes()).hexdigest()
     shard_settings = settings_tag(image_size=spec.image_size, voi_window=spec.voi_window)
     settings = f"{shard_settings}|{spec.task}|{spec.labels}|{spec.labels_key}|{labels_hash}"
-    entries = walk_files(root)
+    walked: list[Skipped] = []  # links out of the folder, loops, unreadable folders
+    entries = walk_files(root, walked)
     index = ContentIndex(cache_dir)
     known = [index.known(entry) for entry in entries]
     datasets = DatasetStore(cache_dir)
@@ -194,6 +195,7 @@ def load_site_dataset(root: Path, work_dir: Path, spec: DataSpec, *,
             return cached
     found = ingest(root, entries, index, ShardStore(cache_dir, shard_settings),
                    spec.image_size, spec.voi_window, workers)
+    found.scan.skipped.extend(walked)
     meta = _meta(found, spec, labels_path)
     key = dataset_key(settings, [(e, found.digests[e.path]) for e in entries])
     datasets.save(key, meta)

@@ -23,6 +23,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
 from client.header import first_referenced_instance, text
+from client.limits import DEFLATED, MAX_INFLATED_BYTES, LimitExceeded, check_deflated
 from client.pixels import PIXEL_KEYWORDS
 
 LOG = logging.getLogger("fedrad.client")
@@ -180,30 +181,73 @@ class FileEntry:
         return self.root / self.rel
 
 
-def walk_files(root: Path) -> list[FileEntry]:
-    """Every regular file under root with its size and mtime, in a stable order."""
+def walk_files(root: Path, skipped: list[Skipped] | None = None) -> list[FileEntry]:
+    """Every regular file under root with its size and mtime, in a stable order.
+
+    Symbolic links are followed only while they stay inside `root` (a PACS export may
+    link within itself), each folder is entered once (a link loop ends nowhere), and an
+    unreadable folder is skipped; each of these lands in `skipped` with its reason.
+    """
     found: list[FileEntry] = []
     stack = [""]
-    base = str(root)
+    base = os.path.realpath(root)
+    seen: set[tuple[int, int]] = set()
+
+    def skip(rel: str, reason: str) -> None:
+        if skipped is not None:
+            skipped.append(Skipped(rel, reason))
+
     while stack:
         folder = stack.pop()
-        with os.scandir(os.path.join(base, folder) if folder else base) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        where = os.path.join(base, folder) if folder else base
+        try:
+            status = os.stat(where)
+            if (status.st_dev, status.st_ino) in seen:
+                skip(folder, "folder already scanned (a symbolic link loop)")
+                continue
+            seen.add((status.st_dev, status.st_ino))
+            with os.scandir(where) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            skip(folder, f"folder cannot be read ({exc.strerror or type(exc).__name__})")
+            continue
         subfolders = []
         for entry in entries:
             rel = f"{folder}/{entry.name}" if folder else entry.name
-            if entry.is_dir(follow_symlinks=True):
-                subfolders.append(rel)
-            elif entry.is_file(follow_symlinks=True):
-                stat = entry.stat()
-                found.append(FileEntry(root, rel, stat.st_size, stat.st_mtime_ns))
+            try:
+                if entry.is_symlink() and not _inside(base, entry.path):
+                    skip(rel, "symbolic link that leads outside the data folder")
+                    continue
+                if entry.is_dir(follow_symlinks=True):
+                    subfolders.append(rel)
+                elif entry.is_file(follow_symlinks=True):
+                    stat = entry.stat()
+                    found.append(FileEntry(root, rel, stat.st_size, stat.st_mtime_ns))
+            except OSError as exc:
+                skip(rel, f"cannot be read ({exc.strerror or type(exc).__name__})")
         stack.extend(reversed(subfolders))
     return found
 
 
-def iter_files(root: Path) -> list[Path]:
-    """Every regular file under root, in a stable order."""
-    return [entry.path for entry in walk_files(root)]
+def _inside(base: str, path: str) -> bool:
+    """Whether `path`, with every link resolved, stays inside `base`."""
+    try:
+        target = os.path.realpath(path, strict=True)
+    except OSError:
+        return False  # a dangling link or a loop
+    return target == base or target.startswith(base + os.sep)
+
+
+def _deflated(path: Path) -> bool:
+    """Whether a file's meta group names the Deflated transfer syntax (from its head)."""
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    return DEFLATED.encode() in head
+
+
+def iter_files(root: Path, skipped: list[Skipped] | None = None) -> list[Path]:
+    """Every regular file under root, in a stable order (see walk_files)."""
+    return [entry.path for entry in walk_files(root, skipped)]
 
 
 # (kind, reference, dataset): kind "image" or "seg" with the file's dataset, or "nifti"
@@ -255,8 +299,18 @@ def examine(path: Path, data: bytes | None = None, visit: Visitor | None = None)
         return FileNote("ignore")
     if path.name.endswith(NIFTI_SUFFIXES):
         return _nifti_note(path, visit)
-    if (len(data) if data is not None else path.stat().st_size) == 0:
+    size = len(data) if data is not None else path.stat().st_size
+    if size == 0:
         return FileNote("skip", "empty file (0 bytes)")
+    if size > MAX_INFLATED_BYTES:
+        return FileNote("skip", f"file larger than the site's limit of "
+                                f"{MAX_INFLATED_BYTES >> 20} MiB per file")
+    try:
+        if data is not None or _deflated(path):
+            data = data if data is not None else path.read_bytes()
+            check_deflated(data)
+    except LimitExceeded as exc:
+        return FileNote("skip", str(exc))
     try:
         if data is not None:
             ds = pydicom.dcmread(io.BytesIO(data))
@@ -293,8 +347,11 @@ def examine(path: Path, data: bytes | None = None, visit: Visitor | None = None)
 def scan_folder(root: Path, visit: Visitor | None = None) -> ScanResult:
     """Read every file under `root` once and sort images, SEGs and the rest (see `examine`)."""
     result = ScanResult(root=root)
-    for path in iter_files(root):
+    skipped: list[Skipped] = []
+    for path in iter_files(root, skipped):
         result.add(path, examine(path, visit=visit))
+    for entry in skipped:
+        result.skip(root / entry.file, entry.reason)
     result.log()
     return result
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from functools import lru_cache
 from pathlib import Path
 
@@ -11,6 +10,13 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 
 from client.header import fast_pixels, first_number, text, uint16
+from client.limits import (
+    LimitExceeded,
+    check_pixel_values,
+    check_voxels,
+    decoder_failure,
+    gunzip,
+)
 
 
 class PixelError(ValueError):
@@ -40,19 +46,40 @@ def _check_bits(ds: pydicom.Dataset) -> int:
     return bits_stored
 
 
+def _check_size(ds: pydicom.Dataset) -> None:
+    """The decoded size the header declares, bounded before any decoder allocates it."""
+    try:
+        rows, columns = uint16(ds, 0x00280010) or 0, uint16(ds, 0x00280011) or 0
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = uint16(ds, 0x00280002) or 1
+        check_pixel_values(rows, columns, frames, samples)
+    except LimitExceeded as exc:
+        raise PixelError(str(exc)) from exc
+    except (ValueError, TypeError) as exc:
+        raise PixelError("Rows/Columns/NumberOfFrames/SamplesPerPixel cannot be read") from exc
+
+
 def stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """Decode the stored values of every frame; a failure says which decoder is missing."""
+    """Decode the stored values of every frame; a failure says which decoder is missing.
+
+    A decoder's failure of any kind, a Rust decoder's panic included, is a PixelError of
+    this one file (client.limits)."""
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise PixelError("object has no pixel data")
+    _check_size(ds)
     try:
         array = fast_pixels(ds)
-    except Exception:  # noqa: BLE001 - pydicom's ordinary path below gives the reason
+    except BaseException as exc:  # noqa: BLE001 - pydicom's ordinary path below says why
+        if not decoder_failure(exc):
+            raise
         array = None
     if array is not None:
         return array
     try:
         return np.asarray(ds.pixel_array)
-    except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
+    except BaseException as exc:  # noqa: BLE001 - decoder errors (and panics) of many types
+        if not decoder_failure(exc):
+            raise
         meta = getattr(ds, "file_meta", None)
         syntax = meta.get("TransferSyntaxUID") if meta is not None else None
         name = getattr(syntax, "name", str(syntax))
@@ -158,9 +185,12 @@ def nifti_mask(path: Path) -> np.ndarray:
     try:
         data = path.read_bytes()
         if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
+            data = gunzip(data)
         image = nib.Nifti1Image.from_bytes(data)
+        check_voxels(image.header.get_data_shape())
         array = np.asarray(image.dataobj)
+    except LimitExceeded as exc:
+        raise PixelError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - nibabel and gzip raise many types
         raise PixelError(f"NIfTI mask cannot be read ({type(exc).__name__}); expected a "
                          "NIfTI-1 file, optionally gzip-compressed") from exc

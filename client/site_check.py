@@ -43,12 +43,12 @@ def check_site(data: Path, labels_file: Path | None = None,
     masks = 0
     for seg in scan.segs:
         shape = decoded.get(seg.referenced_sop_uid)
-        if seg.referenced_sop_uid not in images:
+        if seg.path in errors:  # its own fault first (a bomb, a broken mask)
+            scan.skip(seg.path, errors[seg.path])
+        elif seg.referenced_sop_uid not in images:
             scan.skip(seg.path, "SEG references an image that is not in the data folder")
         elif shape is None:
             scan.skip(seg.path, "SEG references an image that could not be decoded")
-        elif seg.path in errors:
-            scan.skip(seg.path, errors[seg.path])
         else:
             try:
                 check_geometry(seg_shapes[seg.path], shape)

@@ -19,6 +19,7 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 
 from client.dicom_scan import ImageRef
+from client.limits import LimitExceeded, check_voxels
 from client.pixels import PixelError, stored_pixels
 
 GAP_FACTOR = 1.5  # a step this many times the typical spacing means missing slices
@@ -128,6 +129,10 @@ def load_nifti(path: Path) -> Volume:
     import nibabel as nib
 
     image: Any = nib.load(str(path))
+    try:
+        check_voxels(image.header.get_data_shape())  # before its data is read
+    except LimitExceeded as exc:
+        raise VolumeError(str(exc)) from exc
     array = np.asarray(image.dataobj).astype(np.float32)  # (X, Y, Z) in NIfTI order
     zooms = [float(z) for z in image.header.get_zooms()[:3]]
     affine = np.asarray(image.affine)

@@ -30,8 +30,8 @@ def test_provisioning_a_consortium_and_its_kits(tmp_path) -> None:
     with tarfile.open(kit) as archive:
         members = {m.name: m for m in archive.getmembers()}
         assert set(members) == {"ca.pem", "node.key", "node.pub", "signing.pub",
-                                "trusted-entities.yaml", "apps.json", "kit.json", "node-config.toml",
-                                "README.txt"}
+                                "trusted-entities.yaml", "apps.json", "kit.json",
+                                "node-config.toml", "README.txt"}
         assert members["node.key"].mode == 0o600
         assert archive.extractfile("signing.pub").read() == (folder / "signing.pub").read_bytes()
         assert b"OPENSSH PRIVATE KEY" in archive.extractfile("node.key").read()
