@@ -73,10 +73,37 @@ class SitePrivacyEngine(PrivacyEngine):
 
 
 class FusedDPOptimizer(DPOptimizer):
-    """`DPOptimizer` (flat, non-distributed clipping) with fused per-parameter stages."""
+    """`DPOptimizer` (flat, non-distributed clipping) with fused per-parameter stages.
+
+    `groups` (one record id per sample of the next step, set by the training loop)
+    makes the record a group of samples: each group's summed gradient is clipped to C,
+    so one patient with several images counts once (client.patient_sampling)."""
+
+    groups: torch.Tensor | None = None
 
     def _grad_samples(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         return [self._get_flat_grad_sample(p) for p in params]
+
+    def _clip_factors(self, samples: list[torch.Tensor], n: int) -> torch.Tensor:
+        """Each sample's clipping factor: C / ||its record's gradient||, at most 1."""
+        device = samples[0].device
+        if self.groups is None:
+            norms = torch.stack([torch.linalg.vector_norm(g.reshape(n, -1), dim=1)
+                                 .to(device) for g in samples], dim=1)
+            total = torch.linalg.vector_norm(norms, dim=1)
+            return (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+        if len(self.groups) != n:
+            raise ValueError(f"{len(self.groups)} record ids for a batch of {n} samples")
+        _, inverse = torch.unique(self.groups.to(device), return_inverse=True)
+        count = int(inverse.max()) + 1
+        squares = torch.zeros(count, device=device)
+        for sample in samples:
+            flat = sample.reshape(n, -1)
+            summed = torch.zeros((count, flat.shape[1]), device=device, dtype=flat.dtype)
+            summed.index_add_(0, inverse, flat)
+            squares += (summed.float() ** 2).sum(dim=1)
+        per_record = (self.max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        return per_record[inverse]
 
     def clip_and_accumulate(self) -> None:
         params = self.params
@@ -85,10 +112,7 @@ class FusedDPOptimizer(DPOptimizer):
         if n == 0:  # an empty Poisson batch: nothing to clip, noise only
             factor = torch.zeros((0,), device=samples[0].device)
         else:
-            norms = torch.stack([torch.linalg.vector_norm(g.reshape(n, -1), dim=1)
-                                 .to(samples[0].device) for g in samples], dim=1)
-            factor = (self.max_grad_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)
-                      ).clamp(max=1.0)
+            factor = self._clip_factors(samples, n)
         for p, sample in zip(params, samples, strict=True):
             _check_processed_flag(p.grad_sample)
             sample = sample.to(p.dtype)

@@ -115,7 +115,7 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
                                                            default_delta(algo.num_train)))
         cohort = algo.cohort
         noise = ledger.run_noise_multiplier(run_id) or plan_noise_multiplier(
-            config, num_train=algo.num_train, delta=ledger.delta, group=max(cohort.values()))
+            config, num_train=algo.num_train, delta=ledger.delta)
         sample_rate, per_epoch = dp_sampling(algo.num_train, config.batch_size)
         planned = Session(run_id, server_round, noise, sample_rate,
                           config.local_epochs * per_epoch)
@@ -138,7 +138,6 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
             keys.EPSILON_BUDGET: site.epsilon_budget,
             keys.DELTA: ledger.delta,
             keys.NOISE_MULTIPLIER: noise,
-            keys.IMAGES_PER_PATIENT_MAX: float(max(cohort.values())),
         })
     local = pack(algo.get_weights())
     weight = result.num_examples  # FedAvg weighting ...

@@ -12,8 +12,8 @@ import functools
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dataset import SiteDataset
-from client.dp_optimizer import SitePrivacyEngine, make_private
-from client.ledger import group_rate
+from client.dp_optimizer import FusedDPOptimizer, SitePrivacyEngine, make_private
+from client.patient_sampling import PatientPoissonSampler, collate_or_empty
 from common import keys
 from common.config import Optimizer, RunConfig, Strategy, Task
 from common.models import build_model
@@ -69,20 +69,18 @@ def pick_device(preference: str) -> torch.device:
 
 
 def dp_sampling(num_train: int, batch_size: int) -> tuple[float, int]:
-    """(sample rate, steps per epoch) exactly as Opacus' Poisson DPDataLoader uses them."""
+    """(sample rate, steps per epoch): ceil(images / batch-size) steps, each drawing every
+    patient with probability 1/steps (a batch-size of images on average)."""
     batches = max(1, math.ceil(num_train / batch_size))
     return 1.0 / batches, batches
 
 
-def plan_noise_multiplier(config: RunConfig, *, num_train: int, delta: float,
-                          group: int = 1) -> float:
-    """σ that spends the run's target ε over its planned rounds x epochs (computed once),
-    for a patient with `group` training images (client.ledger's group bound: the
-    subsampled Gaussian of rate 1-(1-q)^k and multiplier σ/k)."""
+def plan_noise_multiplier(config: RunConfig, *, num_train: int, delta: float) -> float:
+    """σ that spends the run's target ε over its planned rounds x epochs (computed once);
+    the record is a patient (client.patient_sampling), sampled at 1/steps per step."""
     sample_rate, per_epoch = dp_sampling(num_train, config.batch_size)
     steps = config.num_rounds * config.local_epochs * per_epoch
-    return group * _noise_for(config.dp.target_epsilon, delta,
-                              group_rate(sample_rate, group), steps)
+    return _noise_for(config.dp.target_epsilon, delta, sample_rate, steps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,8 +154,11 @@ class LocalAlgo:
         self.config = config
         self.device = device
         train_idx, val_idx = dataset.split(config.val_fraction, config.seed)
-        self.cohort: dict[str, int] = dict(Counter(  # patient key -> training images
-            dataset.patients[g] for g in dataset.groups[train_idx].tolist()))
+        self.train_groups = dataset.groups[train_idx]
+        # The privacy ledger's cohort: every training patient, each one DP record
+        # (client.patient_sampling draws and clips a patient's images together).
+        self.cohort: dict[str, int] = {dataset.patients[g]: 1
+                                       for g in np.unique(self.train_groups).tolist()}
         self.train_set = self._tensors(dataset, train_idx)
         self.val_set = self._tensors(dataset, val_idx)
         self.model = build_model(config).to(device)
@@ -166,7 +167,8 @@ class LocalAlgo:
     def _tensors(dataset: SiteDataset, index: np.ndarray) -> TensorDataset:
         images = torch.from_numpy(np.ascontiguousarray(dataset.images[index]))
         targets = torch.from_numpy(dataset.targets[index].astype(np.float32))
-        return TensorDataset(images, targets)
+        groups = torch.from_numpy(dataset.groups[index].astype(np.int64))
+        return TensorDataset(images, targets, groups)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -200,15 +202,16 @@ class LocalAlgo:
         engine = None
         if noise_multiplier is not None:
             engine = SitePrivacyEngine(accountant="rdp")
-            model, optimizer, loader = make_private(
-                engine, model, optimizer, loader, noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm or self.config.dp.max_grad_norm)
+            model, optimizer, loader = self._private(engine, model, optimizer,
+                                                     noise_multiplier, max_grad_norm)
         model.train()
         proximal = _Proximal.of(self.config, model)
         losses: list[float] = []
         steps = 0
         for _ in range(self.config.local_epochs):
-            for images, targets in loader:
+            for images, targets, groups in loader:
+                if isinstance(optimizer, FusedDPOptimizer):
+                    optimizer.groups = groups  # clip per patient
                 if len(images) == 0:  # Poisson sampling drew nobody: a noise-only step
                     _noise_only_step(model, optimizer)
                     steps += 1
@@ -237,6 +240,23 @@ class LocalAlgo:
             seconds=time.perf_counter() - start,
         )
 
+    def _private(self, engine: SitePrivacyEngine, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, noise_multiplier: float,
+                 max_grad_norm: float | None
+                 ) -> tuple[torch.nn.Module, FusedDPOptimizer, DataLoader[Any]]:
+        """DP-SGD on patients: Poisson-sampled patients (all their images), each patient's
+        gradient clipped to C, the mean over the expected number of patients."""
+        _, steps = dp_sampling(self.num_train, self.config.batch_size)
+        sampler = PatientPoissonSampler(self.train_groups, steps, engine.secure_rng)
+        loader = DataLoader(self.train_set, batch_sampler=sampler,
+                            collate_fn=collate_or_empty(self.train_set))
+        private, dp_optimizer, private_loader = make_private(
+            engine, model, optimizer, loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm or self.config.dp.max_grad_norm,
+            poisson_sampling=False)  # the sampler above is Poisson, on patients
+        dp_optimizer.expected_batch_size = sampler.sample_rate * len(sampler.patients)
+        return private, dp_optimizer, private_loader
+
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         lr = self.config.learning_rate
         if self.config.optimizer is Optimizer.SGD:
@@ -248,7 +268,7 @@ class LocalAlgo:
         """Mean validation loss, logits and targets of the held-out patients."""
         self.model.eval()
         losses, logits, targets = [], [], []
-        for images, target in DataLoader(self.val_set, batch_size=16):
+        for images, target, _ in DataLoader(self.val_set, batch_size=16):
             images, target = images.to(self.device), target.to(self.device)
             output = self.model(images)
             losses.append(float(self.loss(output, target)) * len(images))

@@ -32,7 +32,6 @@ EPSILON_TOTAL = "epsilon-total"
 EPSILON_BUDGET = "epsilon-budget"
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
-IMAGES_PER_PATIENT_MAX = "images-per-patient-max"  # ε is per patient: a group of k images
 EVAL_LOSS = "eval-loss"
 EVAL_DICE = "eval-dice"
 EVAL_HD95 = "eval-hd95"
@@ -55,7 +54,6 @@ ALLOWED_METRICS = frozenset(
         EPSILON_BUDGET,
         DELTA,
         NOISE_MULTIPLIER,
-        IMAGES_PER_PATIENT_MAX,
         EVAL_LOSS,
         EVAL_DICE,
         EVAL_HD95,

@@ -111,8 +111,8 @@ def charts(run: RunFolder) -> dict[str, tuple[str, bytes]]:
         "participation": ("participation per round", participation_png(rounds)),
     }
     if any("epsilon-total" in s["train"] for r in rounds for s in r["sites"].values()):
-        out["privacy"] = ("privacy spent per site: ε of its most exposed patient (each "
-                          "site's ledger counts a patient's k images as a group of k)",
+        out["privacy"] = ("privacy spent per site: ε per patient (DP-SGD samples and "
+                          "clips each patient's images together; each site's ledger)",
                           curve_png(rounds, "train", "epsilon-total", "privacy spent (ε)"))
     return out
 

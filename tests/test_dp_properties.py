@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from monai.losses import DiceCELoss
@@ -126,3 +127,47 @@ def test_clipped_per_sample_gradients_have_norm_at_most_c(case) -> None:
         assert unclipped > clip  # clipping is active for this sample
         assert float(applied) <= clip * (1 + 1e-4)
         assert float(applied) == pytest.approx(clip, rel=1e-3)
+
+
+def test_a_patient_with_many_images_moves_the_sum_by_at_most_c() -> None:
+    """Clipping per record where the record is a patient: three images of one patient
+    contribute their summed gradient clipped to C (not 3·C, as per-image clipping
+    would allow), and a patient with one image is clipped as before."""
+    clip = 0.05
+    config, data, loss_fn = _data("unet-2d", 4, seed=3)
+    images, targets = data.tensors
+    applied = {}
+    for name, groups in (("per-image", torch.tensor([0, 1, 2, 3])),
+                         ("per-patient", torch.tensor([7, 7, 7, 9]))):
+        model = build_model(config)
+        engine = SitePrivacyEngine(accountant="rdp")
+        model, optimizer, _ = make_private(
+            engine, model, torch.optim.SGD(model.parameters(), lr=1.0),
+            DataLoader(data, batch_size=4), noise_multiplier=0.0, max_grad_norm=clip,
+            poisson_sampling=False)
+        optimizer.groups = groups
+        optimizer.zero_grad()
+        loss_fn(model(images), targets).backward()
+        optimizer.pre_step()
+        # pre_step divides by the expected batch size (4): undo it to see the clipped sum
+        applied[name] = 4 * float(torch.sqrt(sum((p.grad ** 2).sum()
+                                                 for p in model.parameters())))
+    assert applied["per-image"] > 2.5 * clip  # four records each clipped to C
+    assert applied["per-patient"] <= 2 * clip * (1 + 1e-4)  # two patients
+    assert applied["per-patient"] < applied["per-image"]
+
+
+def test_patient_sampling_keeps_a_patients_images_together_at_rate_q() -> None:
+    from client.dp_optimizer import private_generator
+    from client.patient_sampling import PatientPoissonSampler
+
+    groups = np.repeat(np.arange(200), 3)  # 200 patients, 3 images each
+    sampler = PatientPoissonSampler(groups, steps=4, generator=private_generator())
+    drawn = []
+    for _ in range(50):
+        for batch in sampler:
+            patients = groups[batch]
+            counts = np.bincount(patients, minlength=200)
+            assert set(counts.tolist()) <= {0, 3}  # all of a patient's images, or none
+            drawn.append(int((counts > 0).sum()))
+    assert np.mean(drawn) == pytest.approx(200 / 4, rel=0.05)

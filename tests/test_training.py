@@ -87,9 +87,9 @@ def test_a_server_that_chose_the_seed_cannot_recompute_the_noise(phantom_sites,
                                                                   tmp_path) -> None:
     """Two DP trainings from identical inputs (run config and seed, global model, data):
     with noise from the run's seed they were identical, so the server could regenerate
-    the noise and subtract it. Now they differ by the noise alone: one SGD step on the
-    whole batch (q = 1), so w1 - w2 = lr·(n2 - n1)/B with per-coordinate std
-    lr·σ·C·√2/B."""
+    the noise and subtract it. Now they differ by the noise alone: one SGD step on every
+    patient (q = 1), so w1 - w2 = lr·(n2 - n1)/P with per-coordinate std lr·σ·C·√2/P,
+    P = 4 patients (the noisy sum is averaged over the expected number of patients)."""
     torch.set_num_threads(2)
     config = RunConfig.from_mapping({"image-size": 32, "local-epochs": 1, "batch-size": 8,
                                      "optimizer": "sgd", "learning-rate": 0.1,
@@ -103,7 +103,8 @@ def test_a_server_that_chose_the_seed_cannot_recompute_the_noise(phantom_sites,
         assert result.steps == 1 and result.sample_rate == 1.0
         trained.append(np.concatenate([a.ravel() for a in algo.get_weights()]))
     difference = trained[0] - trained[1]
-    expected = 0.1 * 1.0 * 1.0 * np.sqrt(2) / 8
+    assert len(set(algo.cohort)) == 4
+    expected = 0.1 * 1.0 * 1.0 * np.sqrt(2) / 4
     assert float(np.std(difference)) == pytest.approx(expected, rel=0.05)
     assert abs(float(np.mean(difference))) < 5 * expected / np.sqrt(difference.size)
 
