@@ -16,12 +16,15 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client import worker
-from client.errors import model_refusal
+from client.errors import model_refusal, policy_refusal
+from client.served import AlreadyServed, ServedLog
+from client.site_policy import SitePolicy
 from common import keys
 from common.model_signing import ModelSignatureError, load_verify_key, verify_model
 from common.secagg import is_legacy_train, pack_legacy_reply, unpack_legacy_train
 
 LOG = logging.getLogger("fedrad.client")
+MAX_CROSS_SITE_MODELS = 32  # evaluations a cross-site round may add (allow-cross-site)
 VERIFY_KEY = "model-verify-key"  # node config: the consortium's signing.pub from the kit
 
 
@@ -75,10 +78,28 @@ def _inputs(msg: Message, context: Context, purpose: str, legacy: bool
                      round_config.get(keys.MODEL_SIGNATURE)), server_round
 
 
+def _claim(context: Context, server_round: int, purpose: str) -> None:
+    """Refuse a replayed training request and evaluations past the site's per-round cap,
+    before any compute (client.served)."""
+    policy = SitePolicy.from_mapping(context.node_config)
+    limit = 1 if purpose == "train" else policy.max_evaluations_per_round
+    if purpose != "train" and policy.allow_cross_site \
+            and context.run_config.get("cross-site-validation") is True:
+        limit += MAX_CROSS_SITE_MODELS  # the last round's local models, one per site
+    work_dir = Path(str(context.node_config.get("work-dir", ""))).expanduser()
+    try:
+        ServedLog(work_dir).claim(int(context.run_id), server_round, purpose, limit)
+    except AlreadyServed as exc:
+        LOG.warning("round %d: refused: %s", server_round, exc)
+        raise policy_refusal(["replayed-round" if purpose == "train"
+                              else "max-evaluations-per-round"]) from exc
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """Train locally with DP-SGD and reply with (local - global) and metrics."""
     legacy = is_legacy_train(msg)
     global_arrays, server_round = _inputs(msg, context, "train", legacy)
+    _claim(context, server_round, "train")
     out = _compute("train", context, {"global_arrays": global_arrays,
                                       "server_round": server_round, "legacy": legacy})
     if legacy:
@@ -95,6 +116,7 @@ def handle_train(msg: Message, context: Context) -> Message:
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's held-out patients."""
     global_arrays, server_round = _inputs(msg, context, "evaluate", legacy=False)
+    _claim(context, server_round, "evaluate")
     out = _compute("evaluate", context, {"global_arrays": global_arrays,
                                          "server_round": server_round})
     content = RecordDict({

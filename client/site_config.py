@@ -17,7 +17,7 @@ from common.config import ConfigError
 
 _ALLOWED = {
     "site-id", "data-dir", "work-dir", "epsilon-budget", "labels-file", "labels-key", "device",
-    "threads", "ingest-workers", "model-verify-key", *SitePolicy.keys()
+    "threads", "ingest-workers", "model-verify-key", "val-fraction", *SitePolicy.keys()
 }
 AUDIT_FILE = "audit.jsonl"  # the site's own audit log, in its work folder
 _SITE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -36,6 +36,7 @@ class SiteConfig:
     device: str
     threads: int  # torch CPU threads; 0 = torch's default
     ingest_workers: int = 1  # processes that decode files not yet in the cache
+    val_fraction: float = 0.25  # the site's own held-out share of patients
     policy: SitePolicy = SitePolicy()  # what this site accepts (client.site_policy)
 
     @classmethod
@@ -77,6 +78,11 @@ class SiteConfig:
         workers = raw.get("ingest-workers", 1)
         if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
             raise ConfigError(f"ingest-workers must be an integer 1..64, got {workers!r}")
+        val_fraction = raw.get("val-fraction", 0.25)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) \
+                or not 0.05 <= val_fraction <= 0.5:
+            raise ConfigError(f"val-fraction must be a number in [0.05, 0.5], got "
+                              f"{val_fraction!r}")
         labels = raw.get("labels-file")
         return cls(
             site_id=site_id,
@@ -88,5 +94,6 @@ class SiteConfig:
             device=device,
             threads=threads,
             ingest_workers=workers,
+            val_fraction=float(val_fraction),
             policy=SitePolicy.from_mapping(raw),
         )

@@ -35,6 +35,8 @@ class SitePolicy:
     allow_cross_site: bool = False
     max_image_size: int = 512
     min_secure_aggregation_sites: int = 3
+    max_evaluations_per_round: int = 1
+    share_train_loss: bool = False  # the training loss is not DP-noised
 
     @classmethod
     def keys(cls) -> frozenset[str]:

@@ -25,6 +25,7 @@ from client import site_logging
 from client.dataset import DataSpec, SiteDataset, load_site_dataset
 from client.errors import budget_refusal, policy_refusal
 from client.ledger import BudgetExceeded, PrivacyLedger, RunCapExceeded, Session
+from client.served import split_seed
 from client.site_config import AUDIT_FILE, SiteConfig
 from client.training import (
     ClassificationAlgo,
@@ -87,7 +88,10 @@ def _setup(run_id: int, node_config: dict[str, Any], run_config: dict[str, Any])
                     foreground=config.foreground)
     dataset = load_site_dataset(site.data_dir, site.work_dir, spec,
                                 workers=site.ingest_workers)
-    algo = build_algo(config, dataset, pick_device(site.device))
+    # The site's own held-out patients: its val-fraction, seeded by its own secret
+    # (the run's val-fraction and seed do not choose them).
+    algo = build_algo(config, dataset, pick_device(site.device),
+                      split=(site.val_fraction, split_seed(site.work_dir)))
     setup = _Setup(site=site, config=config, dataset=dataset, algo=algo,
                    guard=PHIGuard(dataset.phi_values),
                    load_seconds=time.perf_counter() - start)
@@ -151,7 +155,7 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
         check_finite(update)  # beyond float16's ±65504: refused, never sent as Inf
     metrics.update({
         keys.NUM_EXAMPLES: float(result.num_examples),
-        keys.TRAIN_LOSS: result.loss,
+        **({keys.TRAIN_LOSS: result.loss} if site.policy.share_train_loss else {}),
         keys.TRAIN_SECONDS: result.seconds,
         keys.LOAD_SECONDS: setup.load_seconds,
         keys.UPDATE_NORM: global_norm(update),

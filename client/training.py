@@ -150,10 +150,14 @@ class _Proximal:
 class LocalAlgo:
     """Shared by every task: data split, DP-SGD training loop, weights in and out."""
 
-    def __init__(self, config: RunConfig, dataset: SiteDataset, device: torch.device) -> None:
+    def __init__(self, config: RunConfig, dataset: SiteDataset, device: torch.device, *,
+                 split: tuple[float, int] | None = None) -> None:
+        """`split`: (validation fraction, seed) of the patients held out; a site passes
+        its own (client.served.split_seed), others the run's val-fraction and seed."""
         self.config = config
         self.device = device
-        train_idx, val_idx = dataset.split(config.val_fraction, config.seed)
+        fraction, seed = split if split is not None else (config.val_fraction, config.seed)
+        train_idx, val_idx = dataset.split(fraction, seed)
         self.train_groups = dataset.groups[train_idx]
         # The privacy ledger's cohort: every training patient, each one DP record
         # (client.patient_sampling draws and clips a patient's images together).
@@ -280,8 +284,9 @@ class LocalAlgo:
 class SegmentationAlgo(LocalAlgo):
     """Lung (2D) or organ (3D) segmentation: Dice + cross-entropy loss."""
 
-    def __init__(self, config: RunConfig, dataset: SiteDataset, device: torch.device) -> None:
-        super().__init__(config, dataset, device)
+    def __init__(self, config: RunConfig, dataset: SiteDataset, device: torch.device, *,
+                 split: tuple[float, int] | None = None) -> None:
+        super().__init__(config, dataset, device, split=split)
         self.loss_fn = DiceCELoss(sigmoid=True)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -307,8 +312,9 @@ class SegmentationAlgo(LocalAlgo):
 class ClassificationAlgo(LocalAlgo):
     """CheXNet-style multi-label classification: a sigmoid per label, BCE loss."""
 
-    def __init__(self, config: RunConfig, dataset: SiteDataset, device: torch.device) -> None:
-        super().__init__(config, dataset, device)
+    def __init__(self, config: RunConfig, dataset: SiteDataset, device: torch.device, *,
+                 split: tuple[float, int] | None = None) -> None:
+        super().__init__(config, dataset, device, split=split)
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -348,9 +354,10 @@ def _scalar(aggregate: object) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)  # type: ignore[arg-type]
 
 
-def build_algo(config: RunConfig, dataset: SiteDataset, device: torch.device
+def build_algo(config: RunConfig, dataset: SiteDataset, device: torch.device, *,
+               split: tuple[float, int] | None = None
                ) -> SegmentationAlgo | ClassificationAlgo:
     """The local algorithm for the run's task."""
     if config.task is Task.CXR_CLASSIFY:
-        return ClassificationAlgo(config, dataset, device)
-    return SegmentationAlgo(config, dataset, device)
+        return ClassificationAlgo(config, dataset, device, split=split)
+    return SegmentationAlgo(config, dataset, device, split=split)
