@@ -13,13 +13,13 @@ import io
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
 from client.header import first_referenced_instance, text
@@ -39,21 +39,31 @@ IMAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR",
 }
 NON_DICOM_NAMES = {"labels.csv", "SOURCES.csv"}
-# Header fields whose values identify a person or a visit; their values feed
-# the PHI guard (they are counted by `site check`, never printed).
-PHI_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "OtherPatientIDs",
-    "PatientBirthDate",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "InstitutionName",
-    "InstitutionAddress",
-    "StationName",
-    "StudyID",
-    "DeviceSerialNumber",
-)
+BURNED_IN_ANNOTATION = 0x00280301
+# Header fields whose values identify a person or a visit: the person- and visit-
+# identifying attributes of DICOM's Basic Application Level Confidentiality Profile
+# (PS3.15 Table E.1-1), found at any depth of nested sequences. Their values feed the PHI
+# guard (they are counted by `site check`, never printed). Free-text descriptions of the
+# study or series (StudyDescription, ProtocolName, ...) are not among them: their common
+# words would match the names of fedrad's own records and metrics.
+PHI_KEYWORDS = frozenset({
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames",
+    "OtherPatientIDsSequence", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthName", "PatientMotherBirthName", "PatientAddress",
+    "PatientTelephoneNumbers", "PatientAge", "MedicalRecordLocator", "PatientComments",
+    "AdditionalPatientHistory", "MilitaryRank", "BranchOfService", "Occupation",
+    "CountryOfResidence", "RegionOfResidence", "EthnicGroup", "ResponsiblePerson",
+    "ResponsibleOrganization", "AccessionNumber", "AdmissionID", "IssuerOfAdmissionID",
+    "StudyID", "RequestedProcedureID", "ScheduledProcedureStepID",
+    "PerformedProcedureStepID", "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest", "ReferringPhysicianName",
+    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
+    "ConsultingPhysicianName", "PhysiciansOfRecord", "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy", "RequestingPhysician", "ScheduledPerformingPhysicianName",
+    "OperatorsName", "PersonName", "VerifyingObserverName", "ContentCreatorName",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
+    "DeviceSerialNumber", "CurrentPatientLocation",
+})
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,8 @@ def patient_key(patient_id: str) -> str:
     return hashlib.sha256(f"fedrad-patient|{patient_id}".encode()).hexdigest()[:16]
 
 
-_PHI_TAGS = tuple((keyword, tag_for_keyword(keyword)) for keyword in PHI_KEYWORDS)
+_PHI_TAGS = {tag: keyword for keyword in sorted(PHI_KEYWORDS)
+             if (tag := tag_for_keyword(keyword)) is not None}
 
 
 def _encoding(ds: pydicom.Dataset) -> str:
@@ -146,25 +157,49 @@ def _encoding(ds: pydicom.Dataset) -> str:
 
 
 def _phi(ds: pydicom.Dataset) -> tuple[tuple[str, ...], int]:
-    """Identifier values from the raw header bytes, and how many fields held one."""
+    """Identifier values of the PHI_KEYWORDS fields at any depth, and how many fields
+    held one. A person name also gives each of its components of 4+ characters."""
     encoding = _encoding(ds)
     values: set[str] = set()
     fields = 0
-    for keyword, tag in _PHI_TAGS:
-        if tag is None:
+    for elem in _walk(ds):
+        if elem.VR == "SQ":
             continue
-        value = text(ds, tag, encoding)
+        raw = elem.value
+        value = (raw.decode(encoding, errors="replace") if isinstance(raw, bytes)
+                 else "\\".join(str(v) for v in raw) if isinstance(raw, list | tuple |
+                                                          pydicom.multival.MultiValue)
+                 else "" if raw is None else str(raw)).strip(" \x00")
         if not value:
             continue
         fields += 1
         for item in value.split("\\"):
-            values.add(item)
-            if keyword.endswith("Name"):
+            values.add(item.strip())
+            if elem.VR == "PN" or _PHI_TAGS[elem.tag].endswith("Name"):
                 values.update(
                     part for group in item.split("=") for part in group.split("^")
                     if len(part) >= 4
                 )
-    return tuple(sorted(values)), fields
+    return tuple(sorted(v for v in values if v)), fields
+
+
+def _walk(ds: pydicom.Dataset, depth: int = 0) -> Iterator[Any]:
+    """The PHI_KEYWORDS elements of `ds` at any depth of nested sequences (8 levels at
+    most). Only those and the sequences are converted; every other element stays raw."""
+    for raw in ds.elements():
+        tag = raw.tag
+        if tag in _PHI_TAGS:
+            yield ds[tag]
+        elif (raw.VR or _dictionary_vr(tag)) == "SQ" and depth < 8:
+            for item in ds[tag].value or ():  # a broken one raises: the file is skipped
+                yield from _walk(item, depth + 1)
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:  # private or unknown
+        return ""
 
 
 @dataclass(frozen=True)
@@ -326,7 +361,11 @@ def examine(path: Path, data: bytes | None = None, visit: Visitor | None = None)
         return FileNote("ignore")
     if not sop_class or not sop_uid:
         return FileNote("skip", "missing SOPClassUID or SOPInstanceUID")
-    phi_values, phi_fields = _phi(ds)
+    try:
+        phi_values, phi_fields = _phi(ds)
+    except Exception as exc:  # noqa: BLE001 - fail closed: identifiers unknown, not used
+        return FileNote("skip", f"a header sequence cannot be read ({type(exc).__name__}); "
+                                "its identifiers are unknown, so the file is not used")
     base: dict[str, Any] = {"sop_class": sop_class, "sop_instance_uid": sop_uid,
             "phi_values": phi_values, "phi_fields": phi_fields}
     if sop_class == SEG_STORAGE:
@@ -335,6 +374,9 @@ def examine(path: Path, data: bytes | None = None, visit: Visitor | None = None)
             visit("seg", note.seg_ref(path), ds)
         return note
     if any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        if text(ds, BURNED_IN_ANNOTATION).upper() == "YES":
+            return FileNote("skip", "BurnedInAnnotation is YES: the pixels may show "
+                                    "identifiers; not used", **base)
         note = _image_note(ds, base)
         if visit:
             visit("image", note.image_ref(path), ds)

@@ -22,7 +22,7 @@ from typing import Any
 from fedrad import processes as proc
 from fedrad.server_node import ServerHome
 from server.registry import RunFolder
-from server.report import page, run_sections
+from server.report import PAGE_CSP, page, run_sections
 
 REFRESH_SECONDS = 10
 ONLINE_CACHE_SECONDS = 5.0
@@ -97,11 +97,19 @@ def _handler(home: ServerHome, online: _Online) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.send_header("Content-Security-Policy",
-                             "default-src 'none'; img-src data:; style-src 'unsafe-inline'")
+                             f"{PAGE_CSP}; frame-ancestors 'none'")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("X-Frame-Options", "DENY")
+            self.send_header("Referrer-Policy", "no-referrer")
             self.end_headers()
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            port = int(self.server.server_address[1])  # type: ignore[index]
+            if self.headers.get("Host", "") not in {f"127.0.0.1:{port}", f"localhost:{port}"}:
+                # DNS rebinding: a page on another origin that resolves to 127.0.0.1
+                self._send(421, page("misdirected", ["<p>unknown Host</p>"]))
+                return
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             if path == "/":
                 self._send(200, index_page(home, online.get()))

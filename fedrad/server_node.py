@@ -111,7 +111,9 @@ def start_server(consortium_folder: Path, *, host: str, port: int,
     """Run the server side in the foreground; return the SuperLink's exit code."""
     consortium = load_consortium(consortium_folder.resolve())
     home = ServerHome(consortium.folder, state.resolve() if state else None)
-    home.root.mkdir(parents=True, exist_ok=True)
+    os.umask(0o077)  # keys, state, runs and logs: 0600 / 0700, whatever the caller's umask
+    home.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.root.chmod(0o700)
     home.ready.unlink(missing_ok=True)
     if not serves_loopback(consortium.tls.server_cert):
         raise ProvisioningError(

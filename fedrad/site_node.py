@@ -93,8 +93,10 @@ def start_site(kit: Kit, values: dict[str, Any], *, superlink: str | None,
     `warm_launcher` runs ClientApps from fedrad.launcher (Flower imported once, a fork per
     message); without it the SuperNode starts Flower's `flower-superexec`, which starts a
     fresh `flwr-clientapp` per message."""
+    os.umask(0o077)  # everything this site and its processes write: 0600 / 0700
     work_dir = Path(str(values["work-dir"])).expanduser().resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    work_dir.chmod(0o700)  # the ledger, the cache's identifiers, logs, audit: private
     kit_dir = kit.install(work_dir / "kit")
     config = node_config(kit_dir, {**values, "work-dir": str(work_dir),
                                    "data-dir": str(Path(str(values["data-dir"])).resolve())})

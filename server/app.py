@@ -215,7 +215,7 @@ def main(grid: Grid, context: Context) -> None:
         any) is in. Its wall time runs from its start, or from the previous round's end
         if that came later: what the round added to the run."""
         nonlocal last_end
-        names.update({n: s for n, s in evaluation.site_ids.items() if n not in registered})
+        _name_unregistered(names, registered, evaluation.site_ids)
         now = time.perf_counter()
         wall, last_end = now - max(start, last_end), now
         slowest = max(
@@ -278,7 +278,7 @@ def main(grid: Grid, context: Context) -> None:
             # the previous round's evaluation came in during this training (it was queued
             # first at every site); it must be recorded before this round aggregates
             grid.settle()
-            names.update({n: s for n, s in train.site_ids.items() if n not in registered})
+            _name_unregistered(names, registered, train.site_ids)
             updates, counted = _contributions(run, server_round, train, pool, config, central)
             if not updates or counted < k:  # recorded (who refused, who dropped), then stop
                 run.record_round(RoundRecord(
@@ -355,6 +355,18 @@ def _cross_site(grid: PollingGrid, context: Context, config: RunConfig, signer: 
         table[model_name] = {names.get(n, f"node-{n}"): m for n, m in replies.metrics.items()}
     LOG.info("cross-site validation: %d models x %d sites", len(models), len(node_ids))
     return table
+
+
+def _name_unregistered(names: dict[int, str], registered: dict[int, str],
+                       claimed: dict[int, str]) -> None:
+    """Names of nodes the server did not register, from what they say of themselves, but
+    never a name that a registered site (or another node) holds: such a claim is recorded
+    under the node's id, so no node can pose as a registered hospital."""
+    for node, name in claimed.items():
+        if node in registered or node in names:
+            continue
+        taken = set(names.values())
+        names[node] = name if name not in taken else f"node-{node}"
 
 
 def _epsilons(record: RoundRecord) -> str:

@@ -105,7 +105,11 @@ class RunFolder:
 
     @classmethod
     def open(cls, home: Path, run_id: str) -> RunFolder:
-        """An existing run's folder; RunFolderError naming the folder when there is none."""
+        """An existing run's folder; RunFolderError naming the folder when there is none.
+        A run id is digits only (Flower's): `../x` or an absolute path is refused, so a
+        run config's resume-from cannot reach outside the server home's runs."""
+        if not str(run_id).isdigit():
+            raise RunFolderError(f"run id {run_id!r} is not a run id (digits only)")
         folder = cls(home / "runs" / str(run_id))
         if not (folder.root / "registry.json").exists():
             known = sorted(p.name for p in (home / "runs").glob("*") if p.is_dir()) \

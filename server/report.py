@@ -106,10 +106,12 @@ def charts(run: RunFolder) -> dict[str, tuple[str, bytes]]:
         "score": (f"{metric} per site per round, and pooled",
                   curve_png(rounds, "evaluation", metric, f"{metric} (held-out, per site)",
                             pooled=True)),
-        "loss": ("training loss per site per round",
-                 curve_png(rounds, "train", "train-loss", "training loss per site")),
         "participation": ("participation per round", participation_png(rounds)),
     }
+    if any("train-loss" in s["train"] for r in rounds for s in r["sites"].values()):
+        # only sites whose policy shares it (share-train-loss): it is not DP-noised
+        out["loss"] = ("training loss per site per round",
+                       curve_png(rounds, "train", "train-loss", "training loss per site"))
     if any("epsilon-total" in s["train"] for r in rounds for s in r["sites"].values()):
         out["privacy"] = ("privacy spent per site: ε per patient (DP-SGD samples and "
                           "clips each patient's images together; each site's ledger)",
@@ -177,9 +179,14 @@ def run_sections(run: RunFolder) -> list[str]:
     return parts
 
 
+# A report is self-contained: inline styles and data: images, nothing loaded or run.
+PAGE_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
 def page(title: str, body: list[str], refresh: int | None = None) -> str:
-    head = "<meta charset='utf-8'>" + (f"<meta http-equiv='refresh' content='{refresh}'>"
-                                       if refresh else "")
+    head = "<meta charset='utf-8'>" + f"<meta http-equiv='Content-Security-Policy' " \
+        f"content=\"{PAGE_CSP}\">" + (f"<meta http-equiv='refresh' content='{refresh}'>"
+                                      if refresh else "")
     return "\n".join([
         f"<!doctype html><html><head>{head}<title>{html.escape(title)}</title>",
         "<link rel='icon' href='data:,'>",  # no favicon request

@@ -58,3 +58,24 @@ def test_an_update_of_another_dtype_is_rejected_as_malformed_not_a_crash(array) 
     statuses, mean = _round(_site(array, 10.0))
     assert statuses[3] == REJECTED_MALFORMED
     np.testing.assert_allclose(mean, np.full(6, 0.2), rtol=1e-6)
+
+
+def test_an_unregistered_node_cannot_pose_as_a_registered_hospital() -> None:
+    from server.app import _name_unregistered
+
+    registered = {1: "hospital-a"}
+    names = dict(registered)
+    _name_unregistered(names, registered, {1: "hospital-z", 2: "hospital-a", 3: "clinic-x"})
+    assert names == {1: "hospital-a", 2: "node-2", 3: "clinic-x"}
+    _name_unregistered(names, registered, {4: "clinic-x"})  # a second claim of a name
+    assert names[4] == "node-4"
+
+
+@pytest.mark.parametrize("run_id", ["../../etc", "/etc", "7/../../x", ""])
+def test_a_resume_from_outside_the_runs_folder_is_refused(tmp_path, run_id) -> None:
+    from server.registry import RunFolder, RunFolderError
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "registry.json").write_text("{}")  # what a climb would find
+    with pytest.raises(RunFolderError, match="not a run id"):
+        RunFolder.open(tmp_path / "home", run_id)

@@ -38,7 +38,8 @@ def consortium(tmp_path_factory, phantom_sites):
         {f"site-{n}": {"node_id": n, "status": "registered"} for n in HOSPITALS}))
     sites = {n: real_site(n, f"site-{n}", phantom_sites[h], folder.parent / f"s{n}", public,
                           CONFIG, run_id=7, policy={"require-secure-aggregation": False,
-                                                    "allow-cross-site": True})
+                                                    "allow-cross-site": True,
+                                                    "share-train-loss": True})
              for n, h in HOSPITALS.items()}
     with pytest.MonkeyPatch.context() as monkeypatch:
         run_server(InProcessGrid(sites), CONFIG, home, private, monkeypatch, run_id=7)
@@ -69,6 +70,7 @@ def test_the_report_loads_with_every_image_and_no_console_error(consortium, phan
     assert "24 images" in page.text  # 12 per hospital, both folders read
     html = out.read_text()
     assert "ZZCANARY" not in html and "CANARY-" not in html
+    assert "http-equiv='Content-Security-Policy' content=\"default-src 'none'" in html
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
     assert "Cross-site validation" in page.text
 
@@ -103,7 +105,16 @@ def test_the_dashboard_shows_runs_sites_and_privacy_read_only(consortium, tmp_pa
                                          method="POST")
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
+        rebound = urllib.request.Request(f"http://127.0.0.1:{port}/",
+                                         headers={"Host": f"attacker.example:{port}"})
+        with pytest.raises(urllib.error.HTTPError) as misdirected:  # DNS rebinding
+            urllib.request.urlopen(rebound, timeout=10)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+            headers = response.headers
     assert refused.value.code == 405
+    assert misdirected.value.code == 421
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
     assert index.errors == [] and run.errors == []
     assert index.status == 200 and run.status == 200 and missing.status == 404
     for site in ("site-1", "site-2", "site-3"):

@@ -73,3 +73,37 @@ def test_refusals_keep_their_code() -> None:
     reply = sanitising_mod(_message(), _context(), refusing)
     assert reply.error.code == keys.ERROR_BUDGET_REFUSED
     assert reply.error.reason == keys.REASON_BUDGET_REFUSED
+
+
+def test_identifiers_nested_in_sequences_and_burned_in_images_are_handled(cxr_root,
+                                                                          tmp_path) -> None:
+    """The guard's identifiers come from PS3.15's identifying attributes at any depth
+    (before: 11 top-level fields), and an image whose pixels may show identifiers
+    (BurnedInAnnotation = YES) is not used."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from client.dicom_scan import examine
+
+    source = next((cxr_root / "radiopaedia").rglob("IM*.dcm"))
+    ds = pydicom.dcmread(source)
+    request = Dataset()
+    request.RequestingPhysician = "QUILLBY^ZENOBIA"
+    inner = Dataset()
+    inner.OperatorsName = "VANTERPOOL^OSWIN"
+    request.ReferencedStudySequence = Sequence([inner])
+    ds.RequestAttributesSequence = Sequence([request])
+    ds.PatientTelephoneNumbers = "+44 20 7946 0321"
+    ds.save_as(tmp_path / "nested.dcm")
+    note = examine(tmp_path / "nested.dcm")
+    assert note.kind == "image"
+    for value in ("QUILLBY^ZENOBIA", "QUILLBY", "ZENOBIA", "VANTERPOOL", "+44 20 7946 0321"):
+        assert value in note.phi_values, value
+    guard = PHIGuard(note.phi_values)
+    with pytest.raises(PHILeakError):
+        guard.check_record_dict(RecordDict({"fedrad.x": ConfigRecord({"note": "vanterpool"})}))
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(tmp_path / "burned.dcm")
+    burned = examine(tmp_path / "burned.dcm")
+    assert burned.kind == "skip" and "BurnedInAnnotation" in burned.reason

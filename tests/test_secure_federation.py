@@ -65,6 +65,10 @@ def federation(tmp_path_factory, phantom_sites):
         _wait(lambda: _nodes(home).get(node_id) == "online" or site.poll() is not None, 90,
               "hospital-a online")
         assert site.poll() is None, (out / "site.log").read_text()
+        # private whatever the umask: the work folder, its logs, the server's state
+        assert oct(work.stat().st_mode & 0o777) == "0o700"
+        assert oct((work / "logs" / "supernode.log").stat().st_mode & 0o777) == "0o600"
+        assert oct((home.root / "superlink.log").stat().st_mode & 0o777) == "0o600"
         yield {"out": out, "port": port, "consortium": consortium, "home": home,
                "group": group, "work": work, "node_id": node_id, "signed": signed,
                "server": server, "sites": phantom_sites}
