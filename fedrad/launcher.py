@@ -73,20 +73,21 @@ class FabRefused(RuntimeError):
     """The run's FAB is not one of the builds this site pinned."""
 
 
-def pin_fabs(allowed: frozenset[str]) -> None:
-    """In a child: Flower installs only a FAB whose sha256 is in `allowed`."""
-    install = runtime_module.install_from_fab
+def pin_fabs(allowed: frozenset[str], module: Any = runtime_module) -> None:
+    """In a child: Flower's runtime `module` (the ClientApp's, or the ServerApp's)
+    installs only a FAB whose sha256 is in `allowed`."""
+    install = module.install_from_fab
 
     def pinned(content: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(content, bytes):  # Flower's runtime passes the FAB's bytes
             raise FabRefused("a FAB given by path is not checked here; refused")
         digest = hashlib.sha256(content).hexdigest()
         if digest not in allowed:
-            LOG.error("FAB %s... is not pinned by this site (apps.json); refused", digest[:12])
-            raise FabRefused(f"FAB sha256 {digest} is not pinned by this site")
+            LOG.error("FAB %s... is not a pinned build; refused", digest[:12])
+            raise FabRefused(f"FAB sha256 {digest} is not a pinned build")
         return install(content, *args, **kwargs)
 
-    runtime_module.install_from_fab = pinned  # type: ignore[assignment]
+    module.install_from_fab = pinned
 
 
 def read_pins(path: Path, extra: list[str]) -> frozenset[str]:
@@ -96,6 +97,64 @@ def read_pins(path: Path, extra: list[str]) -> frozenset[str]:
         LOG.error("no app is pinned (%s is empty and no --allow-app was given): every "
                   "ClientApp will be refused", path)
     return frozenset(pins)
+
+
+def consortium_pins(consortium: Path) -> frozenset[str]:
+    """On the server: the builds in the consortium's apps/ whose signature by the
+    coordinator's code-signing key verifies (Flower's message: 8-byte signed_at + the
+    FAB's SHA-256; fedrad.app_registry signs). Read afresh for every task, so an app
+    signed since the start is accepted; cryptography only, no app package imported."""
+    import base64
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    public = serialization.load_ssh_public_key((consortium / "code-signing.pub").read_bytes())
+    if not isinstance(public, ed25519.Ed25519PublicKey):
+        raise FabRefused("code-signing.pub is not an Ed25519 key")
+    index = consortium / "apps" / "index.json"
+    good = set()
+    for entry in json.loads(index.read_text()) if index.exists() else []:
+        fab = consortium / "apps" / f"{entry['sha256']}.fab"
+        if not fab.is_file() or hashlib.sha256(fab.read_bytes()).hexdigest() != entry["sha256"]:
+            continue
+        message = int(entry["signed_at"]).to_bytes(8, "big") + bytes.fromhex(entry["sha256"])
+        padded = str(entry["signature"]) + "=" * (-len(str(entry["signature"])) % 4)
+        try:
+            public.verify(base64.urlsafe_b64decode(padded), message)
+        except InvalidSignature:
+            LOG.error("app %s... in %s: its signature does not verify with code-signing.pub",
+                      entry["sha256"][:12], index)
+            continue
+        good.add(str(entry["sha256"]))
+    return frozenset(good)
+
+
+def run_server_task(address: str, token: str, parent_pid: int, ca: bytes,
+                    consortium: Path) -> int:
+    """In a forked child on the server host: Flower's ServerApp runtime for one run,
+    installing only a FAB the coordinator's code-signing key signed."""
+    import importlib
+    from queue import Queue
+
+    from flwr.supercore.logger import mirror_output_to_queue
+
+    server_runtime = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+
+    try:
+        pin_fabs(consortium_pins(consortium), module=server_runtime)
+        log_queue: Queue[str | None] = Queue()
+        mirror_output_to_queue(log_queue)  # `flwr log` shows the ServerApp's output
+        server_runtime.run_serverapp(runtime_api_address=address, log_queue=log_queue,
+                                     token=token, insecure=False, certificates=ca,
+                                     parent_pid=parent_pid, runtime_dependency_install=False)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - reported, and the child still exits
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def runtime_client(address: str, secret: bytes, ca: bytes) -> RuntimeHttpClient:
@@ -152,6 +211,7 @@ class Launcher:
     secret: bytes
     ca: bytes
     pins: frozenset[str]
+    consortium: Path | None = None  # set: a server-host launcher of ServerApps
     children: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> task, start
     launched: int = 0
     failed: int = 0
@@ -159,16 +219,21 @@ class Launcher:
 
     def poll_once(self, client: RuntimeHttpClient) -> bool:
         """Claim one pending task, if any, and start it; whether one was started."""
-        response = client.AcquireTask(
-            AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+        kind = (TaskType.SERVER_APP if self.consortium is not None
+                else TaskType.CLIENT_APP).value
+        response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[kind]))
         if not (response.HasField("task") and response.token):
             return False
-        if response.task.type != TaskType.CLIENT_APP.value:  # asked for ClientApps only
-            LOG.error("task %d has type %r; this launcher runs ClientApps only",
-                      response.task.task_id, response.task.type)
+        if response.task.type != kind:  # asked for one kind only
+            LOG.error("task %d has type %r; this launcher runs %s only",
+                      response.task.task_id, response.task.type, kind)
             return False
         token, me = response.token, os.getpid()
-        pid = fork_task(lambda: run_task(self.address, token, me, self.ca, self.pins))
+        consortium = self.consortium
+        pid = fork_task(
+            (lambda: run_task(self.address, token, me, self.ca, self.pins))
+            if consortium is None else
+            (lambda: run_server_task(self.address, token, me, self.ca, consortium)))
         self._last_task = time.monotonic()
         self.children[pid] = (response.task.task_id, self._last_task)
         self.launched += 1
@@ -240,8 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--secret-file", type=Path, required=True)
     parser.add_argument("--runtime-ca", type=Path, required=True,
                         help="the SuperNode's Runtime API certificate (fedrad site start)")
-    parser.add_argument("--allowed-apps", type=Path, required=True,
+    parser.add_argument("--allowed-apps", type=Path,
                         help="the kit's apps.json: the FAB builds this site runs")
+    parser.add_argument("--consortium", type=Path,
+                        help="on the server host: run ServerApps (only builds that the "
+                             "consortium's code-signing.pub verifies) instead of ClientApps")
     parser.add_argument("--allow-app", action="append", default=[],
                         help="one more pinned FAB sha256 (repeatable)")
     args = parser.parse_args(argv)
@@ -252,11 +320,14 @@ def main(argv: list[str] | None = None) -> None:
     LOG.propagate = False
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     check_app_not_imported()
+    if (args.allowed_apps is None) == (args.consortium is None):
+        parser.error("give --allowed-apps (a site) or --consortium (the server host)")
+    pins = read_pins(args.allowed_apps, args.allow_app) if args.allowed_apps else frozenset()
     launcher = Launcher(args.runtime_api_address, read_secret(args.secret_file),
-                        args.runtime_ca.read_bytes(), read_pins(args.allowed_apps,
-                                                                args.allow_app))
+                        args.runtime_ca.read_bytes(), pins, consortium=args.consortium)
     parent = os.getppid()
-    LOG.info("claiming ClientApp tasks from %s", args.runtime_api_address)
+    LOG.info("claiming %s tasks from %s", "ServerApp" if args.consortium else "ClientApp",
+             args.runtime_api_address)
     try:
         launcher.serve(stop=lambda: os.getppid() != parent)  # orphaned: our site is gone
     except SecretRefused:

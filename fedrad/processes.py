@@ -157,9 +157,13 @@ def run_status(flwr_home: Path, run_id: str) -> str:
 
 
 def superlink_command(*, host: str, port: int, ca_cert: Path, cert: Path, key: Path,
-                      database: Path) -> list[str]:
+                      database: Path, superexec_secret: Path | None = None) -> list[str]:
+    """The SuperLink; with `superexec_secret` it launches no ServerApp itself
+    (`--isolation process`): fedrad's launcher holding that secret claims them."""
+    isolation = ["--isolation", "process", "--superexec-auth-secret-file",
+                 str(superexec_secret)] if superexec_secret is not None else []
     return [
-        str(BIN / "flower-superlink"),
+        str(BIN / "flower-superlink"), *isolation,
         "--ssl-ca-certfile", str(ca_cert), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
         "--enable-supernode-auth", "--database", str(database),
         "--disable-runtime-dependency-installation",
@@ -211,6 +215,15 @@ def launcher_command(*, runtime_port: int, secret: Path, tls: RuntimeTLS,
             "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--secret-file", str(secret),
             "--runtime-ca", str(tls.ca_cert), "--allowed-apps", str(allowed_apps),
             *(arg for sha in allow for arg in ("--allow-app", sha))]
+
+
+def server_launcher_command(*, runtime: str, secret: Path, ca_cert: Path,
+                            consortium: Path) -> list[str]:
+    """The server host's ServerApp launcher (fedrad.launcher --consortium): only builds
+    the coordinator's code-signing key signed run beside the model-signing key."""
+    return [sys.executable, "-m", "fedrad.launcher", "--runtime-api-address", runtime,
+            "--secret-file", str(secret), "--runtime-ca", str(ca_cert),
+            "--consortium", str(consortium)]
 
 
 def supernode_command(*, superlink: str, ca_cert: Path, auth_key: Path, port: int,

@@ -23,6 +23,7 @@ from common.pki import ProvisioningError, serves_loopback
 from fedrad import processes as proc
 from fedrad.app_registry import REGISTRY_ENV, AppRegistry
 from fedrad.consortium import Consortium, load_consortium
+from fedrad.site_node import write_secret
 
 DEFAULT_PORT = 9092
 
@@ -130,19 +131,28 @@ def start_server(consortium_folder: Path, *, host: str, port: int,
     try:
         with AppRegistry(consortium.folder) as registry, proc.ProcessGroup() as group:
             control_port = int(control.rpartition(":")[2])
+            secret = write_secret(home.root / "superexec.secret")
             superlink = group.start(
                 "superlink",
                 proc.superlink_command(host="127.0.0.1", port=control_port,
                                        ca_cert=consortium.tls.ca_cert,
                                        cert=consortium.tls.server_cert,
                                        key=consortium.tls.server_key,
-                                       database=home.root / "state.db"),
+                                       database=home.root / "state.db",
+                                       superexec_secret=secret),
                 log=log, cwd=home.root,
-                env={"FLWR_HOME": str(home.root / "flwr"), "FEDRAD_SERVER_HOME": str(home.root),
-                     SIGNING_KEY_ENV: str(consortium.folder / "signing.key"),
-                     REGISTRY_ENV: registry.api_url},
+                env={"FLWR_HOME": str(home.root / "flwr"), REGISTRY_ENV: registry.api_url},
             )
             proc.wait_for_port(control_port, 60, superlink, log)
+            launcher_log = home.root / "launcher.log"
+            launcher = group.start(  # ServerApps: signed by the code-signing key only
+                "launcher",
+                proc.server_launcher_command(runtime=control, secret=secret,
+                                             ca_cert=consortium.tls.ca_cert,
+                                             consortium=consortium.folder),
+                log=launcher_log, cwd=home.root,
+                env={"FLWR_HOME": str(home.root / "flwr"), "FEDRAD_SERVER_HOME": str(home.root),
+                     SIGNING_KEY_ENV: str(consortium.folder / "signing.key")})
             gateway_log = home.root / "gateway.log"
             gateway = group.start(
                 "gateway",
@@ -161,11 +171,15 @@ def start_server(consortium_folder: Path, *, host: str, port: int,
                 f"{control} only); sites: "
                 f"{', '.join(active) or 'none yet'}; signed apps served from "
                 f"{registry.url}; logs in {log}")
-            while superlink.poll() is None and gateway.poll() is None:
+            helpers = {"Fleet gateway": (gateway, gateway_log),
+                       "ServerApp launcher": (launcher, launcher_log)}
+            while superlink.poll() is None and all(p.poll() is None
+                                                   for p, _ in helpers.values()):
                 time.sleep(0.5)
-            if superlink.poll() is None:
-                say(f"the Fleet gateway exited with {gateway.returncode}; see {gateway_log}")
-                return int(gateway.returncode)
+            for name, (process, process_log) in helpers.items():
+                if superlink.poll() is None and process.poll() is not None:
+                    say(f"the {name} exited with {process.returncode}; see {process_log}")
+                    return int(process.returncode)
             return int(superlink.returncode)
     except (_Stop, KeyboardInterrupt):
         say("stopping the SuperLink")

@@ -203,3 +203,21 @@ def test_the_server_copy_holds_no_private_key_but_its_own(consortium, tmp_path) 
             assert b"PRIVATE KEY" not in path.read_bytes(), path
     with pytest.raises(ProvisioningError, match="not empty"):
         export_server(consortium, tmp_path / "bundle")
+
+
+def test_the_server_host_runs_only_serverapps_the_code_key_signed(consortium) -> None:
+    """The server host's launcher pins what verifies with code-signing.pub: a signature by
+    any other key (the server's own model-signing key included) pins nothing."""
+    from fedrad.launcher import consortium_pins
+
+    signed = sign_app(consortium.folder, APP_DIR)
+    assert consortium_pins(consortium.folder) == {signed.sha256}
+    index = consortium.folder / "apps" / "index.json"
+    entries = json.loads(index.read_text())
+    key = serialization.load_pem_private_key((consortium.folder / "signing.key").read_bytes(),
+                                             password=None)
+    message = entries[0]["signed_at"].to_bytes(8, "big") + bytes.fromhex(signed.sha256)
+    entries[0]["signature"] = base64.urlsafe_b64encode(
+        key.sign(message)).decode().rstrip("=")  # type: ignore[union-attr]
+    index.write_text(json.dumps(entries))
+    assert consortium_pins(consortium.folder) == frozenset()

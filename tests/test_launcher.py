@@ -190,6 +190,6 @@ def test_a_child_installs_only_a_fab_the_site_pinned(monkeypatch) -> None:
     pinned = b"the signed build"
     pin_fabs(frozenset({hashlib.sha256(pinned).hexdigest()}))
     runtime_module.install_from_fab(pinned, None, True)
-    with pytest.raises(FabRefused, match="not pinned"):
+    with pytest.raises(FabRefused, match="not a pinned build"):
         runtime_module.install_from_fab(b"an older signed build", None, True)
     assert installed == [pinned]

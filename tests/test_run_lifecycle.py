@@ -66,13 +66,16 @@ def _children(pid: int) -> list[int]:
 
 
 def _serverapp_pids(server_pid: int) -> list[int]:
+    """The ServerApp processes: children that the server host's launcher forked (the
+    launcher runs signed ServerApps only; a fork keeps its command line)."""
     out = []
     for pid in _children(server_pid):
         try:
-            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                out.append(pid)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
+        if b"fedrad.launcher" in cmdline and b"--consortium" in cmdline:
+            out += _children(pid)
     return out
 
 
@@ -204,7 +207,7 @@ def test_a_killed_serverapp_resumes_to_the_uninterrupted_model(federation, tmp_p
     _wait(lambda: RunFolder(cut_dir).last_round() >= 2 if (cut_dir / "registry.json").exists()
           else False, 300, "round 2's checkpoint")
     pids = _serverapp_pids(federation["server"].pid)
-    assert pids, "no flwr-serverapp process under the server"
+    assert pids, "no ServerApp process under the server's launcher"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     assert RunFolder(cut_dir).last_round() < 4

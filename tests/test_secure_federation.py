@@ -133,20 +133,39 @@ def test_the_site_runs_only_code_the_consortium_signed(federation, tmp_path) -> 
         "local-epochs": 1, "round-timeout": 120.0})
     config = tmp_path / "run.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
-    supernode_log = work / "logs" / "supernode.log"
+    server_launcher = home.root / "launcher.log"
 
-    def refusals() -> int:
-        text = supernode_log.read_text()
-        return text.count("FAB could not be verified") + text.count("FAB verification failed")
+    def server_refusals() -> int:
+        """ServerApps the server host's launcher refused to install (not signed by the
+        coordinator's code-signing key): they never reach a site."""
+        return server_launcher.read_text().count("is not a pinned build; refused")
 
     def sent() -> int:
         audit = work / "audit.jsonl"
         return audit.read_text().count('"update-sent"') if audit.exists() else 0
 
-    # 1. Unsigned: `flwr run <folder>` pushes a FAB without any signature.
-    unsigned = _submit(home, str(APP_DIR), config)
-    _wait(lambda: refusals() >= 1, 120, "the site to refuse the unsigned app")
-    _stop(home, unsigned)
+    def refused_at_the_server(run_id: str, count: int, what: str) -> None:
+        _wait(lambda: server_refusals() >= count, 120, f"the server to refuse {what}")
+        assert server_refusals() == count  # once per run
+        _wait(lambda: proc.run_status(home.cli_home, run_id).startswith("finished"), 120,
+              f"the run of {what} to end")
+        assert proc.run_status(home.cli_home, run_id) == "finished:failed"
+
+    supernode_log = work / "logs" / "supernode.log"
+
+    # 1a. `flwr run <folder>` of the signed code pushes its FAB without the signature: the
+    #     server host runs it (the same build the code key signed), the site refuses it
+    #     (Flower's --trusted-entities check finds no signature).
+    unattested = _submit(home, str(APP_DIR), config)
+    _wait(lambda: "FAB could not be verified" in supernode_log.read_text()
+          or "FAB verification failed" in supernode_log.read_text(), 120,
+          "the site to refuse the app without its signature")
+    _stop(home, unattested)
+    # 1b. Unsigned code (other bytes) pushed the same way: its ServerApp would run on the
+    #     server host beside the model-signing key; refused there.
+    unsigned = _submit(home, str(_bumped_app(tmp_path / "unsigned", "0.1.0", "# edited\n")),
+                       config)
+    refused_at_the_server(unsigned, 1, "the unsigned app")
 
     # 2. Forged: the registry serves a signature of the same bytes by another key, under
     #    the consortium key's id.
@@ -161,10 +180,9 @@ def test_the_site_runs_only_code_the_consortium_signed(federation, tmp_path) -> 
     index_path.write_text(json.dumps(entries))
     try:
         forged_run = _submit(home, federation["signed"].spec(), config)
-        _wait(lambda: refusals() >= 2, 120, "the site to refuse the foreign-signed app")
-        _stop(home, forged_run)
+        refused_at_the_server(forged_run, 2, "the foreign-signed app")
         # 2b. A compromised server: it holds the model-signing key and signs the code
-        #     with it. Sites trust only the coordinator's offline code-signing key.
+        #     with it. Only the coordinator's offline code-signing key counts.
         entries[0]["signed_at"] = int(time.time())
         entries[0]["signature"] = _signature(consortium.folder / "signing.key",
                                              consortium.folder / "apps" /
@@ -172,28 +190,28 @@ def test_the_site_runs_only_code_the_consortium_signed(federation, tmp_path) -> 
                                              entries[0]["signed_at"])
         index_path.write_text(json.dumps(entries))
         server_signed = _submit(home, federation["signed"].spec(), config)
-        _wait(lambda: refusals() >= 3, 120, "the site to refuse code the server signed")
-        _stop(home, server_signed)
+        refused_at_the_server(server_signed, 3, "code the server signed")
     finally:
         index_path.write_text(genuine)
     assert sent() == 0  # no refused app ever reached the training code
 
     # 2c. A build the coordinator signed after this site's kit was made (or an older
-    #     one): correctly signed, but not pinned in the kit's apps.json; refused before
-    #     it is installed.
+    #     one): the server runs it, but it is not pinned in the site's apps.json, so the
+    #     site refuses it before it is installed.
     newer = _bumped_app(tmp_path / "newer", "0.1.1")
     unpinned = sign_app(consortium.folder, newer)
     launcher_log = work / "logs" / "launcher.log"
     unpinned_run = _submit(home, unpinned.spec(), config)
-    _wait(lambda: "is not pinned by this site" in launcher_log.read_text(), 120,
+    _wait(lambda: "is not a pinned build" in launcher_log.read_text(), 120,
           "the site to refuse the unpinned build")
     _stop(home, unpinned_run)
     assert sent() == 0
 
     # 3. The consortium's own signature: the site trains and sends its update.
+    refused_so_far = server_refusals()
     run_id = _submit(home, federation["signed"].spec(), config)
     _wait(lambda: sent() >= 1, 240, "the signed app to train at the site")
-    assert refusals() == 3
+    assert server_refusals() == refused_so_far  # the server ran it
     _wait(lambda: proc.run_status(home.cli_home, run_id).startswith("finished"), 120,
           "the signed run to finish")
     assert proc.run_status(home.cli_home, run_id) == "finished:completed"
@@ -211,8 +229,9 @@ def _signature(key_path: Path, fab: Path, signed_at: int) -> str:
     return base64.urlsafe_b64encode(key.sign(message)).decode().rstrip("=")  # type: ignore
 
 
-def _bumped_app(folder: Path, version: str) -> Path:
-    """A copy of the app's code under another version (what a later release is)."""
+def _bumped_app(folder: Path, version: str, edit: str = "") -> Path:
+    """A copy of the app's code under another version (what a later release is), with
+    `edit` appended to server/app.py."""
     import re
     import shutil
 
@@ -224,6 +243,9 @@ def _bumped_app(folder: Path, version: str) -> Path:
     (folder / "pyproject.toml").write_text(
         re.sub(r'^version = ".*"$', f'version = "{version}"', text, count=1, flags=re.M))
     (folder / "README.md").write_text((APP_DIR / "README.md").read_text())
+    if edit:
+        app = folder / "server" / "app.py"
+        app.write_text(app.read_text() + edit)
     return folder
 
 
