@@ -123,7 +123,8 @@ def export_server(consortium: Consortium, out: Path) -> list[Path]:
     # The model-signing key goes to the server; the code-signing key never does (a
     # compromised server must not be able to sign code that runs at every hospital).
     wanted = [folder / n for n in ("ca.crt", "server.pem", "server.key", "signing.key",
-                                   "signing.pub", "consortium.json", "revoked.json")]
+                                   "signing.pub", "code-signing.pub", "consortium.json",
+                                   "revoked.json")]
     wanted += sorted((folder / "sites").glob("*.pub")) + sorted((folder / "apps").glob("*"))
     copied = []
     out.mkdir(parents=True, exist_ok=True)

@@ -86,10 +86,15 @@ BASELINE_POLICY = {"require-dp": False, "require-secure-aggregation": False}
 
 def real_site(node: int, site_id: str, data: Path, work: Path, verify_key: Path,
               run_config: dict[str, Any], run_id: int = 1,
-              policy: dict[str, Any] | None = None) -> Site:
+              policy: dict[str, Any] | None = None, secret: bytes | None = None) -> Site:
     """A hospital running fedrad's ClientApp on its own DICOM folder; `policy` relaxes
-    its strict default site policy (node-config keys of client.site_policy)."""
+    its strict default site policy (node-config keys of client.site_policy); `secret`
+    is its site secret (the same hospital in two work folders: the same split)."""
     from client.app import app
+
+    if secret is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "site.secret").write_bytes(secret)
 
     context = Context(run_id=run_id, node_id=node, node_config={
         "site-id": site_id, "data-dir": str(data), "work-dir": str(work),

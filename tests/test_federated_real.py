@@ -17,11 +17,13 @@ from client.ledger import Session, epsilon_of
 from client.training import SegmentationAlgo, default_delta, plan_noise_multiplier
 from common.config import RunConfig
 
-ROUNDS = 3
-# Measured on 2026-11-26 (this machine, seed 42): pooled Dice 0.300, 0.409, 0.465 over the
-# rounds (4 rounds in the real-data demo plateau near 0.45 at ε = 8).
-MIN_FINAL_DICE = 0.40
-MIN_GAIN = 0.08
+ROUNDS = 4
+# Measured on 2026-12-01 (this machine), patient-level DP-SGD with noise from the OS CSPRNG
+# (so every run differs): over 4 trainings the pooled Dice went from 0.298-0.360 after
+# round 1 to 0.385-0.441 after round 4 (gains 0.073-0.116). Under seeded noise (before
+# 2026-12-01) one run gave 0.300 -> 0.465 in 3 rounds; that noise was recomputable.
+MIN_FINAL_DICE = 0.35
+MIN_GAIN = 0.04
 
 
 def test_federated_lung_segmentation_on_real_sites_with_dp(cxr_root, tmp_path) -> None:

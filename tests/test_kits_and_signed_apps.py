@@ -63,6 +63,7 @@ def test_a_compromised_server_holds_no_key_that_signs_code_for_the_sites(consort
     bundle = tmp_path / "bundle"
     names = {p.name for p in export_server(consortium, bundle)}
     assert "signing.key" in names and "code-signing.key" not in names
+    assert "code-signing.pub" in names  # the server's launcher verifies ServerApps by it
     assert not (bundle / "code-signing.key").exists()
     with pytest.raises(ProvisioningError, match="offline code-signing key"):
         sign_app(bundle, APP_DIR)
@@ -194,7 +195,7 @@ def test_the_server_copy_holds_no_private_key_but_its_own(consortium, tmp_path) 
     signed = sign_app(consortium.folder, APP_DIR)
     copied = export_server(consortium, tmp_path / "bundle")
     names = {str(p.relative_to(tmp_path / "bundle")) for p in copied}
-    assert {"ca.crt", "server.pem", "server.key", "signing.key", "signing.pub",
+    assert {"ca.crt", "server.pem", "server.key", "signing.key", "signing.pub", "code-signing.pub",
             "consortium.json", "sites/hospital-a.pub", f"apps/{signed.sha256}.fab",
             "apps/index.json"} == names
     assert stat.S_IMODE((tmp_path / "bundle" / "server.key").stat().st_mode) == 0o600

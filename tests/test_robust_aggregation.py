@@ -6,6 +6,7 @@ world could: its update x100, or NaN."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -105,11 +106,12 @@ def test_sites_asked_one_at_a_time_give_the_same_model(tmp_path, phantom_sites,
     private, public = signing_keys(tmp_path)
     pushes: dict[str, list[int]] = {}
     models = {}
+    secrets = {node: os.urandom(32) for node in HOSPITALS}  # each hospital's own split
     for name, window in (("all", 0), ("one", 1)):
         config = {**CONFIG, "num-rounds": 1, "local-epochs": 1, "max-sites-in-flight": window}
         sites = {node: real_site(node, f"site-{node}", phantom_sites[h],
                                  tmp_path / name / f"site-{node}", public, config,
-                                 policy=BASELINE_POLICY)
+                                 policy=BASELINE_POLICY, secret=secrets[node])
                  for node, h in HOSPITALS.items()}
 
         counts = pushes.setdefault(name, [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -62,9 +63,12 @@ def test_a_float16_update_is_the_float32_update_in_half_the_bytes(phantom_sites,
                   "secagg-enabled": False, "dp-enabled": False}  # DP noise would differ
     wire = pack(to_arrays(plain_state_dict(build_model(RunConfig.from_mapping(run_config)))))
     out = {}
+    secret = os.urandom(32)  # one hospital in two work folders: one validation split
     for dtype in ("float32", "float16"):
         node_config = {"site-id": "hospital-a", "data-dir": str(phantom_sites["hospital-a"]),
                        "work-dir": str(tmp_path / dtype), "epsilon-budget": 20.0}
+        (tmp_path / dtype).mkdir()
+        (tmp_path / dtype / "site.secret").write_bytes(secret)
         out[dtype] = train_outcome(run_id=1, node_config=node_config,
                                    run_config={**run_config, "update-dtype": dtype},
                                    global_arrays=wire, server_round=1, legacy=False)
