@@ -109,8 +109,9 @@ def format_round(row: dict[str, Any], total: int) -> str:
     metric = row["score_metric"]
     score = ", ".join(f"{s} {v['evaluation'][metric]:.3f}" for s, v in sorted(sites.items())
                       if metric in v["evaluation"])
-    loss = ", ".join(f"{s} {v['train'].get('train-loss', float('nan')):.3f}"
-                     for s, v in sorted(sites.items()) if v["train"])
+    loss = ", ".join(f"{s} {v['train']['train-loss']:.3f}"
+                     for s, v in sorted(sites.items()) if "train-loss" in v["train"]) \
+        or "kept at the sites (not DP-noised; node config share-train-loss)"
     eps = ", ".join(f"{s} {v['train']['epsilon-total']:.2f}"
                     for s, v in sorted(sites.items()) if "epsilon-total" in v["train"])
     failed = ", ".join(f"{s} {v['status']}" for s, v in sorted(sites.items())
