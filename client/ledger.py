@@ -6,11 +6,13 @@ of the training set and each patient's number of training images k. Changing the
 size, the windowing, the labels or the task, or adding a file, starts no fresh budget:
 a patient's ε is the composition of every session whose cohort held them.
 
-DP-SGD samples images, so a patient with k images is a group of k records. The ledger
-accounts per patient with the subsampled-Gaussian group bound: a step reaches the patient
-with probability q_k = 1 - (1 - q)^k and moves the clipped sum by at most k·C, which is
-dominated by the subsampled Gaussian of rate q_k and noise multiplier σ/k (k = 1 is
-Opacus' record-level RDP exactly). The site's spend is the largest ε of any patient.
+A cohort maps each patient to the records of them a session could sample, k. fedrad's
+DP-SGD samples and clips whole patients (client.patient_sampling), so its sessions record
+k = 1 and the accounting is Opacus' record-level RDP exactly. A session that sampled
+images would record a patient's k images: the ledger then applies the subsampled-
+Gaussian group bound (a step reaches the patient with probability q_k = 1 - (1 - q)^k
+and moves the clipped sum by at most k·C, dominated by the subsampled Gaussian of rate
+q_k and noise multiplier σ/k). The site's spend is the largest ε of any patient.
 
 RDP composes additively and is linear in the steps of a (σ, q) pair: sessions are summed
 per pair and each pair's one-step RDP is cached, so the cost does not grow with history.
@@ -152,13 +154,13 @@ class PrivacyLedger:
                      run_id: int | None) -> float:
         """The largest ε of any patient of `cohort` over the history (plus `planned`,
         a session on `cohort`)."""
-        cid = cohort_id(cohort)
-        cohorts = {**self.cohorts, cid: dict(cohort)}
-        extra = [(planned, cid)] if planned is not None else []
+        planned_id = cohort_id(cohort)
+        cohorts = {**self.cohorts, planned_id: dict(cohort)}
+        history = [*self.entries, *([(planned, planned_id)] if planned is not None else [])]
         worst, seen = 0.0, set()
         for patient in cohort:
             steps: Counter[tuple[float, float]] = Counter()
-            for session, cid in [*self.entries, *extra]:
+            for session, cid in history:
                 if run_id is not None and session.run_id != run_id:
                     continue
                 k = 1 if cid == EVERYONE else cohorts.get(cid, {}).get(patient, 0)

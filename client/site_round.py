@@ -132,8 +132,9 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
     if ledger is not None and noise is not None:
         if (result.sample_rate, result.steps) != (planned.sample_rate, planned.steps):
             LOG.error("round %d: the accountant counted %d steps at q=%.4f, %d at q=%.4f were "
-                      "reserved; the difference is charged too", server_round, result.steps,
-                      result.sample_rate, planned.steps, planned.sample_rate)
+                      "reserved; the counted session is charged as well (fail closed)",
+                      server_round, result.steps, result.sample_rate, planned.steps,
+                      planned.sample_rate)
             _reserve(ledger, Session(run_id, server_round, noise, result.sample_rate,
                                      result.steps), cohort, site)
         metrics.update({

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -36,6 +37,16 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     """
     path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
     return {**os.environ, **extra, "PATH": path, "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh SuperExec secret (mode 0600) shared by a SuperNode or SuperLink and the
+    launcher that claims its tasks."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    os.chmod(path, 0o600)
+    return path
 
 
 def free_port() -> int:

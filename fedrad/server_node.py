@@ -23,7 +23,6 @@ from common.pki import ProvisioningError, serves_loopback
 from fedrad import processes as proc
 from fedrad.app_registry import REGISTRY_ENV, AppRegistry
 from fedrad.consortium import Consortium, load_consortium
-from fedrad.site_node import write_secret
 
 DEFAULT_PORT = 9092
 
@@ -131,7 +130,7 @@ def start_server(consortium_folder: Path, *, host: str, port: int,
     try:
         with AppRegistry(consortium.folder) as registry, proc.ProcessGroup() as group:
             control_port = int(control.rpartition(":")[2])
-            secret = write_secret(home.root / "superexec.secret")
+            secret = proc.write_secret(home.root / "superexec.secret")
             superlink = group.start(
                 "superlink",
                 proc.superlink_command(host="127.0.0.1", port=control_port,

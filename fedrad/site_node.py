@@ -12,7 +12,6 @@ the command with its code, so a service manager can restart it.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -64,15 +63,6 @@ def node_config(kit_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def write_secret(path: Path) -> Path:
-    """A fresh SuperExec secret (mode 0600) shared by the SuperNode and the launcher."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secrets.token_bytes(32))
-    os.chmod(path, 0o600)
-    return path
-
-
 def runtime_tls(folder: Path) -> proc.RuntimeTLS:
     """A fresh CA and certificate for the SuperNode's Runtime API on 127.0.0.1 (the
     launcher verifies the SuperNode by it); the previous start's are removed."""
@@ -120,7 +110,7 @@ def start_site(kit: Kit, values: dict[str, Any], *, superlink: str | None,
                 group.start("worker", proc.worker_command(work_dir=work_dir),
                             log=logs / "worker.log", cwd=work_dir, env={})
             runtime_port = proc.free_port()
-            secret = write_secret(kit_dir / "superexec.secret") if warm_launcher else None
+            secret = proc.write_secret(kit_dir / "superexec.secret") if warm_launcher else None
             tls = runtime_tls(kit_dir / "runtime-tls") if warm_launcher else None
             if secret is not None and tls is not None:
                 group.start("launcher", proc.launcher_command(
