@@ -1,8 +1,8 @@
 """fedrad's ClientApp: a thin adapter from Flower messages to the site's training code.
 
-Top-level imports stay light (no torch): SecAgg+'s key-exchange stages run in
-their own `flwr-clientapp` processes and need none of it, and training and
-evaluation go to the site worker (client.worker) when one is running.
+Top-level imports stay light (no torch): secure aggregation's key advert and
+recovery (queries) need none of it, and training and evaluation go to the site
+worker (client.worker) when one is running.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.errors import SiteRefusal, policy_refusal, site_failure
-from client.messages import handle_evaluate, handle_train
-from client.secagg_guard import secagg_guard_mod
+from client.messages import handle_evaluate, handle_query, handle_train
 from client.site_config import AUDIT_FILE
 from client.site_policy import enforce
 from common.audit import AuditLog
-from common.secagg import CLIENT_MODS
 
 LOG = logging.getLogger("fedrad.client")
 
@@ -40,7 +38,7 @@ def sanitising_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 
 def site_policy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Second mod: the site's own policy (node config) decides whether this run may use
-    the site at all, before SecAgg+'s stages, data loading, training or evaluation."""
+    the site at all, before key adverts, data loading, training or evaluation."""
     work_dir = context.node_config.get("work-dir")
     audit = AuditLog(Path(str(work_dir)).expanduser() / AUDIT_FILE) if work_dir else None
     broken = enforce(context.node_config, context.run_config, run_id=int(context.run_id),
@@ -50,7 +48,7 @@ def site_policy_mod(msg: Message, context: Context, call_next: ClientAppCallable
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[sanitising_mod, site_policy_mod, secagg_guard_mod, *CLIENT_MODS])
+app = ClientApp(mods=[sanitising_mod, site_policy_mod])
 
 
 @app.train()
@@ -63,3 +61,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's held-out patients."""
     return handle_evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Secure aggregation's key advert (once per run) and dropout recovery."""
+    return handle_query(msg, context)

@@ -6,10 +6,12 @@ from common.keys import (
     ERROR_BUDGET_REFUSED,
     ERROR_MODEL_REFUSED,
     ERROR_POLICY_REFUSED,
+    ERROR_REKEY,
     ERROR_SITE_FAILED,
     REASON_BUDGET_REFUSED,
     REASON_MODEL_REFUSED,
     REASON_POLICY_REFUSED,
+    REASON_REKEY,
     REASON_SITE_FAILED,
 )
 
@@ -38,3 +40,8 @@ def site_failure() -> SiteRefusal:
 def policy_refusal(policy_keys: list[str]) -> SiteRefusal:
     """Refused by the site's own policy; the reason names only policy keys (a fixed set)."""
     return SiteRefusal(ERROR_POLICY_REFUSED, f"{REASON_POLICY_REFUSED}: {', '.join(policy_keys)}")
+
+
+def rekey_refusal() -> SiteRefusal:
+    """The roster lacks this site's key for the run (e.g. its work folder is new)."""
+    return SiteRefusal(ERROR_REKEY, REASON_REKEY)

@@ -8,20 +8,18 @@ listening (client.worker: imports paid once, data and model warm), otherwise in 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import worker
+from client import secure_sum, worker
 from client.errors import model_refusal, policy_refusal
 from client.served import AlreadyServed, ServedLog
 from client.site_policy import SitePolicy
 from common import keys
 from common.model_signing import ModelSignatureError, load_verify_key, verify_model
-from common.secagg import is_legacy_train, pack_legacy_reply, unpack_legacy_train
 
 LOG = logging.getLogger("fedrad.client")
 MAX_CROSS_SITE_MODELS = 32  # evaluations a cross-site round may add (allow-cross-site)
@@ -64,15 +62,10 @@ def _verified(context: Context, arrays: list[np.ndarray], server_round: int, pur
     return arrays
 
 
-def _inputs(msg: Message, context: Context, purpose: str, legacy: bool
-            ) -> tuple[list[np.ndarray], int]:
+def _inputs(msg: Message, context: Context, purpose: str) -> tuple[list[np.ndarray], int]:
     """The verified global model and the round of a train or evaluate message."""
-    round_config: Mapping[str, Any]
-    if legacy:
-        global_arrays, round_config = unpack_legacy_train(msg)
-    else:
-        global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
-        round_config = msg.content.config_records[keys.ROUND]
+    global_arrays = msg.content.array_records[keys.WEIGHTS].to_numpy_ndarrays()
+    round_config = msg.content.config_records[keys.ROUND]
     server_round = _server_round(round_config)
     return _verified(context, global_arrays, server_round, purpose,
                      round_config.get(keys.MODEL_SIGNATURE)), server_round
@@ -95,32 +88,87 @@ def _claim(context: Context, server_round: int, purpose: str) -> None:
                               else "max-evaluations-per-round"]) from exc
 
 
+def _site(site_id: object) -> ConfigRecord:
+    return ConfigRecord({keys.SITE_ID: str(site_id), keys.STATUS: keys.STATUS_OK})
+
+
+def _carried_evaluation(msg: Message, context: Context, global_arrays: list[np.ndarray],
+                        server_round: int) -> dict[str, Any] | None:
+    """The previous round's model (the one this request trains from), evaluated first,
+    when the request asks for it: one exchange carries round r's evaluation and round
+    r+1's training."""
+    asked = msg.content.config_records[keys.ROUND].get(keys.EVALUATE_ROUND)
+    if asked is None:
+        return None
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked != server_round - 1:
+        raise ValueError(f"{keys.EVALUATE_ROUND} {asked!r} of a round-{server_round} request")
+    _claim(context, asked, "evaluate")
+    return _compute("evaluate", context, {"global_arrays": global_arrays,
+                                          "server_round": asked})
+
+
+def _secagg_required(context: Context) -> bool:
+    return context.run_config.get("secagg-enabled", True) is not False
+
+
 def handle_train(msg: Message, context: Context) -> Message:
-    """Train locally with DP-SGD and reply with (local - global) and metrics."""
-    legacy = is_legacy_train(msg)
-    global_arrays, server_round = _inputs(msg, context, "train", legacy)
+    """Evaluate the model first if asked, train locally with DP-SGD, and reply with the
+    update (masked under secure aggregation) and both sets of metrics."""
+    global_arrays, server_round = _inputs(msg, context, "train")
+    fields = msg.content.config_records.get(keys.MASKING)
+    if fields is None and _secagg_required(context):
+        LOG.warning("round %d: a plain training request in a secure-aggregation run",
+                    server_round)
+        raise policy_refusal(["secure-aggregation"])
+    chosen = None if fields is None else secure_sum.plan(  # refused before any compute
+        context.node_config, context.run_config, run_id=int(context.run_id),
+        node_id=int(context.node_id), server_round=server_round, fields=fields)
     _claim(context, server_round, "train")
+    evaluation = _carried_evaluation(msg, context, global_arrays, server_round)
     out = _compute("train", context, {"global_arrays": global_arrays,
-                                      "server_round": server_round, "legacy": legacy})
-    if legacy:
-        return pack_legacy_reply(msg, out["update"], out["weight"],
-                                 {**out["metrics"], keys.SITE_ID: out["site_id"]})
+                                      "server_round": server_round,
+                                      "masked": chosen is not None})
     content = RecordDict({  # the same records the PHI guard passed in site_round
-        keys.UPDATE: ArrayRecord([np.asarray(a) for a in out["update"]]),  # run's dtype
         keys.METRICS: MetricRecord(out["metrics"]),
-        keys.SITE: ConfigRecord({keys.SITE_ID: out["site_id"], keys.STATUS: keys.STATUS_OK}),
+        keys.SITE: _site(out["site_id"]),
     })
+    if chosen is not None:
+        content[keys.MASKED] = ArrayRecord([secure_sum.mask(context.node_config, chosen,
+                                                            out["quantised"])])
+    else:
+        content[keys.UPDATE] = ArrayRecord([np.asarray(a) for a in out["update"]])
+    if evaluation is not None:
+        content[keys.EVALUATION] = MetricRecord(evaluation["metrics"])
     return Message(content, reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's held-out patients."""
-    global_arrays, server_round = _inputs(msg, context, "evaluate", legacy=False)
+    global_arrays, server_round = _inputs(msg, context, "evaluate")
     _claim(context, server_round, "evaluate")
     out = _compute("evaluate", context, {"global_arrays": global_arrays,
                                          "server_round": server_round})
-    content = RecordDict({
-        keys.METRICS: MetricRecord(out["metrics"]),
-        keys.SITE: ConfigRecord({keys.SITE_ID: out["site_id"], keys.STATUS: keys.STATUS_OK}),
-    })
+    content = RecordDict({keys.METRICS: MetricRecord(out["metrics"]),
+                          keys.SITE: _site(out["site_id"])})
     return Message(content, reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Secure aggregation's two side exchanges: the run's key advert (once per run), and
+    the one recovery of a round a site dropped out of (client.secure_sum)."""
+    config = msg.content.config_records[keys.ROUND]
+    stage = config.get(keys.STAGE)
+    site = _site(context.node_config.get("site-id", ""))
+    if stage == keys.STAGE_ADVERTISE:
+        advert = secure_sum.advertise(context.node_config, int(context.run_id),
+                                      int(context.node_id))
+        return Message(RecordDict({keys.ADVERT: ConfigRecord(advert), keys.SITE: site}),
+                       reply_to=msg)
+    if stage == keys.STAGE_RECOVER:
+        server_round = _server_round(config)
+        masked = secure_sum.recover(context.node_config, run_id=int(context.run_id),
+                                    node_id=int(context.node_id), server_round=server_round,
+                                    fields=msg.content.config_records.get(keys.MASKING, {}))
+        return Message(RecordDict({keys.MASKED: ArrayRecord([masked]), keys.SITE: site}),
+                       reply_to=msg)
+    raise ValueError(f"unknown query stage {stage!r}")

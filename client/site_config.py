@@ -17,7 +17,8 @@ from common.config import ConfigError
 
 _ALLOWED = {
     "site-id", "data-dir", "work-dir", "epsilon-budget", "labels-file", "labels-key", "device",
-    "threads", "ingest-workers", "model-verify-key", "val-fraction", *SitePolicy.keys()
+    "threads", "ingest-workers", "model-verify-key", "val-fraction", *SitePolicy.keys(),
+    "site-certificate", "node-key", "consortium-ca",  # the kit's identity (client.secure_sum)
 }
 AUDIT_FILE = "audit.jsonl"  # the site's own audit log, in its work folder
 _SITE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")

@@ -39,8 +39,8 @@ from client.training import (
 from common import keys
 from common.audit import AuditLog, digest_arrays
 from common.config import RunConfig, UpdateDType
+from common.masking import quantise
 from common.phi import PHIGuard
-from common.secagg import check_range
 from common.weights import check_finite, global_norm, pack, subtract, unpack
 
 LOG = logging.getLogger("fedrad.client")
@@ -103,8 +103,10 @@ def _setup(run_id: int, node_config: dict[str, Any], run_config: dict[str, Any])
 
 def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[str, Any],
                   global_arrays: list[np.ndarray], server_round: int,
-                  legacy: bool) -> dict[str, Any]:
-    """Train locally with DP-SGD: the update (local - global), its FedAvg weight, metrics."""
+                  masked: bool) -> dict[str, Any]:
+    """Train locally with DP-SGD: the update (local - global), its FedAvg weight, metrics.
+    `masked` (secure aggregation): the update comes back quantised (common.masking), its
+    range checked, never clipped."""
     setup = _setup(run_id, node_config, run_config)
     config, site, algo = setup.config, setup.site, setup.algo
     check_finite(global_arrays)  # the wire form: one packed vector (common.weights)
@@ -168,13 +170,19 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
         keys.METRICS: MetricRecord(metrics),
         keys.SITE: ConfigRecord({keys.SITE_ID: site.site_id, keys.STATUS: keys.STATUS_OK}),
     }))
-    if legacy:
-        check_range(update, weight, config.secagg)
+    quantised = None
+    if masked:
+        quantised = quantise(np.concatenate([a.ravel() for a in update]), int(weight),
+                             clipping_range=config.secagg.clipping_range,
+                             quantization_range=config.secagg.quantization_range,
+                             max_weight=config.secagg.max_weight)
     _audit(site).append("update-sent", run_id=str(run_id), round=server_round,
                         bytes=sum(a.nbytes for a in update),
                         sha256=digest_arrays(update),
                         examples=result.num_examples,
                         epsilon_total=metrics.get(keys.EPSILON_TOTAL))
+    if quantised is not None:  # the float update never leaves this function unmasked
+        return {"quantised": quantised, "metrics": metrics, "site_id": site.site_id}
     return {"update": update, "weight": weight, "metrics": metrics, "site_id": site.site_id}
 
 

@@ -11,11 +11,20 @@ UPDATE = "fedrad.update"  # ArrayRecord: local - global (site -> server)
 ROUND = "fedrad.round"  # ConfigRecord: {"server-round": int}
 METRICS = "fedrad.metrics"  # MetricRecord: numbers only
 SITE = "fedrad.site"  # ConfigRecord: {"site-id": str, "status": str}
+MASKING = "fedrad.masking"  # ConfigRecord: the roster and set of a masked round (common.masking)
+MASKED = "fedrad.masked"  # ArrayRecord: a site's masked, quantised update (uint32)
+ADVERT = "fedrad.advert"  # ConfigRecord: a site's key advert (site -> server)
+EVALUATION = "fedrad.evaluation"  # MetricRecord: the previous round's model, evaluated
 
 SERVER_ROUND = "server-round"
 MODEL_SIGNATURE = "model-signature"  # Ed25519 over the global model (common.model_signing)
 SITE_ID = "site-id"
 STATUS = "status"
+EVALUATE_ROUND = "evaluate-round"  # a training request: first evaluate (round r's model)
+STAGE = "stage"  # a query: "advertise" (the run's key) or "recover" (re-mask, dropout)
+STAGE_ADVERTISE = "advertise"
+STAGE_RECOVER = "recover"
+ATTEMPT = "attempt"  # 0: the round's masks; 1: the one recovery after a dropout
 
 # Site status values (ConfigRecord SITE / STATUS).
 STATUS_OK = "ok"
@@ -96,3 +105,6 @@ REASON_MODEL_REFUSED = ("fedrad site: refused the global model, its consortium s
                         "missing or does not verify")
 ERROR_POLICY_REFUSED = 1004
 REASON_POLICY_REFUSED = "fedrad site: refused by the site's policy"  # + ": <policy keys>"
+ERROR_REKEY = 1005
+REASON_REKEY = ("fedrad site: the roster does not hold this site's key for the run; ask it "
+                "to advertise again")

@@ -218,3 +218,66 @@ def serves_loopback(cert_path: Path) -> bool:
     except x509.ExtensionNotFound:
         return False
     return ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+
+
+SITE_CERT = "site.pem"  # a kit's site identity certificate (its node key, signed by the CA)
+
+
+class IdentityError(ValueError):
+    """A site identity certificate that the consortium CA did not issue to a site."""
+
+
+def issue_site_cert(folder: Path, site: str, node_public_key: bytes) -> bytes:
+    """The site's identity certificate (PEM): its node-authentication public key (OpenSSH
+    form, as `create_node_keys` wrote it) under CN=`site`, signed by the consortium CA,
+    extended key usage client-auth only (a server certificate never passes as a site's).
+    Peers check it before they derive masks with the site (common.masking)."""
+    ca_cert, ca_key = _load_ca(folder)
+    public = serialization.load_ssh_public_key(node_public_key)
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ProvisioningError(f"site {site!r}: the node key is not an EC key")
+    now = dt.datetime.now(dt.UTC)
+    org = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(site, str(org)))
+        .issuer_name(ca_cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def site_identity(cert_pem: bytes, ca_pem: bytes) -> tuple[str, ec.EllipticCurvePublicKey]:
+    """The site name and public key a site identity certificate vouches for, once it is
+    shown to be issued by the consortium CA to a site (valid now, not a CA, client-auth
+    only); IdentityError otherwise."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(f"not issued by the consortium CA ({exc})") from exc
+    except Exception as exc:  # InvalidSignature: the CA did not sign it
+        raise IdentityError("its signature does not verify with the consortium CA") from exc
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise IdentityError("it is not valid now")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound as exc:
+        raise IdentityError("it is not a site certificate (no key usage)") from exc
+    if basic.ca or list(usage) != [ExtendedKeyUsageOID.CLIENT_AUTH]:
+        raise IdentityError("it is not a site certificate (a CA or server certificate)")
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    public = cert.public_key()
+    if len(names) != 1 or not isinstance(public, ec.EllipticCurvePublicKey):
+        raise IdentityError("it names no single site or holds no EC key")
+    return str(names[0].value), public

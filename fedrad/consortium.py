@@ -96,6 +96,7 @@ def startup_kit(consortium: Consortium, site: str, passphrase: str | None = None
         "ca.pem": consortium.tls.ca_cert.read_bytes(),
         "node.key": keys.private_key.read_bytes(),
         "node.pub": keys.public_key.read_bytes(),
+        "site.pem": pki.issue_site_cert(consortium.folder, site, keys.public_key.read_bytes()),
         "signing.pub": (consortium.folder / f"{pki.MODEL_SIGNING}.pub").read_bytes(),
         "trusted-entities.yaml": trusted_entities(code_pub).encode(),
         "apps.json": json.dumps({"apps": signed_hashes(consortium.folder)}).encode(),

@@ -124,7 +124,7 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
         submitted = submit(home, values)
         run_id, run_dir = submitted.run_id, submitted.run_dir
         say(f"run {run_id} of {signed.spec()} submitted: {values['num-rounds']} rounds, DP "
-            f"{'on' if values.get('dp-enabled', True) else 'OFF'}, SecAgg+ "
+            f"{'on' if values.get('dp-enabled', True) else 'OFF'}, secure aggregation "
             f"{'on' if values.get('secagg-enabled', True) else 'OFF'}")
         try:
             total = int(values["num-rounds"])

@@ -27,7 +27,8 @@ _SCRYPT_N = {SEAL_MAGIC: 2**17, SEAL_MAGIC_V1: 2**15}
 PASSPHRASE_ENV = "FEDRAD_KIT_PASSPHRASE"  # noqa: S105 (a variable name)
 MIN_PASSPHRASE = 12
 MEMBERS = {  # name → mode when installed
-    "ca.pem": 0o644, "node.key": 0o600, "node.pub": 0o644, "signing.pub": 0o644,
+    "ca.pem": 0o644, "node.key": 0o600, "node.pub": 0o644, "site.pem": 0o644,
+    "signing.pub": 0o644,
     "trusted-entities.yaml": 0o644, "apps.json": 0o644, "kit.json": 0o644,
     "node-config.toml": 0o644, "README.txt": 0o644,
 }
@@ -40,6 +41,8 @@ Start the site with:  fedrad site start --kit <this file> --data /path/to/dicom-
 ca.pem                the consortium CA: the SuperNode trusts the SuperLink's certificate by it
 node.key              this site's node-authentication private key (secret, mode 0600)
 node.pub              its public key (registered with the SuperLink by the coordinator)
+site.pem              the site's identity certificate (its node key, signed by the
+                      consortium CA): peers check it before masking with this site
 signing.pub           the consortium server's model-signing key: every global model is
                       verified with it before it is loaded
 trusted-entities.yaml the coordinator's code-signing key (kept offline, never on the

@@ -122,7 +122,8 @@ def format_round(row: dict[str, Any], total: int) -> str:
         f"    {metric}: {score or 'not evaluated this round'}\n    train loss: {loss}\n"
         f"    not counted: {failed or 'none'}\n    ε spent: {eps or 'DP off'}\n"
         f"    wall {row['wall_seconds']:.1f}s vs slowest site {row['slowest_site_seconds']:.1f}s "
-        f"(overhead {row['overhead_seconds']:.1f}s)"
+        f"(overhead {row['overhead_seconds']:.1f}s, {row.get('exchanges', 1)} "
+        f"exchange{'s' if row.get('exchanges', 1) != 1 else ''} with the sites)"
     )
 
 

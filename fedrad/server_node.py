@@ -23,6 +23,7 @@ from common.pki import ProvisioningError, serves_loopback
 from fedrad import processes as proc
 from fedrad.app_registry import REGISTRY_ENV, AppRegistry
 from fedrad.consortium import Consortium, load_consortium
+from server.masked_sum import CA_ENV
 
 DEFAULT_PORT = 9092
 
@@ -151,7 +152,8 @@ def start_server(consortium_folder: Path, *, host: str, port: int,
                                              consortium=consortium.folder),
                 log=launcher_log, cwd=home.root,
                 env={"FLWR_HOME": str(home.root / "flwr"), "FEDRAD_SERVER_HOME": str(home.root),
-                     SIGNING_KEY_ENV: str(consortium.folder / "signing.key")})
+                     SIGNING_KEY_ENV: str(consortium.folder / "signing.key"),
+                     CA_ENV: str(consortium.tls.ca_cert)})
             gateway_log = home.root / "gateway.log"
             gateway = group.start(
                 "gateway",

@@ -53,12 +53,15 @@ def still_online(log: Path, offset: int) -> bool:
 
 
 def node_config(kit_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
-    """The SuperNode's node config: the hospital's values plus the kit's verify key.
+    """The SuperNode's node config: the hospital's values plus the kit's verify key and
+    identity (site certificate, node key, consortium CA) for secure aggregation.
 
     Parsed with the ClientApp's own parser so a bad value is refused here, naming the
     key, before any process starts.
     """
-    config = {**values, "model-verify-key": str(kit_dir / "signing.pub")}
+    config = {**values, "model-verify-key": str(kit_dir / "signing.pub"),
+              "site-certificate": str(kit_dir / "site.pem"),  # client.secure_sum
+              "node-key": str(kit_dir / "node.key"), "consortium-ca": str(kit_dir / "ca.pem")}
     SiteConfig.from_mapping(config)
     return config
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,17 +34,19 @@ from common.weights import (
 )
 from server.aggregation import Aggregator, SiteUpdate, UpdatePool
 from server.central_dp import CentralDP
+from server.masked_sum import Roster
 from server.memory import return_large_frees
 from server.polling_grid import PollingGrid
 from server.registry import RoundRecord, RunFolder, SiteRound, registered_sites, server_home
 from server.report import write_report
-from server.rounds import NO_REPLY, Replies, evaluate_aside, evaluate_round, train_round
+from server.rounds import DROPPED_IN_RECOVERY, NO_REPLY, Replies, evaluate_round, train_round
 
 LOG = logging.getLogger("fedrad.server")
 app = ServerApp()
 
 
-LOST = frozenset({NO_REPLY, "dropped"})  # train statuses of a site that did not answer
+LOST = frozenset({NO_REPLY, DROPPED_IN_RECOVERY})  # train statuses of a site that did not answer
+REFUSALS = frozenset({keys.STATUS_REFUSED_BUDGET, keys.STATUS_REFUSED_POLICY})
 
 
 class RunAborted(RuntimeError):
@@ -195,7 +198,7 @@ def main(grid: Grid, context: Context) -> None:
         config.faults.min_train_sites, config.dp.enabled, config.secagg.enabled, run.root,
     )
     if not config.secagg.enabled:
-        LOG.warning("SecAgg+ is OFF: the server sees each site's individual update")
+        LOG.warning("secure aggregation is OFF: the server sees each site's individual update")
         if config.faults.max_update_norm == 0:
             LOG.warning("max-update-norm is 0: a site's update of any size is accepted "
                         "(weights above secagg-max-weight are still rejected); set a bound "
@@ -206,11 +209,14 @@ def main(grid: Grid, context: Context) -> None:
     names: dict[int, str] = dict(registered)
     k = config.faults.min_train_sites
     last_end = 0.0  # when the previous round ended (perf_counter)
+    roster = Roster(int(context.run_id)) if config.secagg.enabled else None
+    awaiting: Callable[[Replies], None] | None = None  # a round whose evaluation is out
+    refused: set[int] = set()  # sites that refused this run (budget, policy): not asked again
 
     def end_round(server_round: int, start: float, node_ids: list[int], train: Replies,
                   counted: int, step_norm: float, round_global: list[np.ndarray],
                   sent: list[np.ndarray], pool: UpdatePool, alive: list[int],
-                  evaluation: Replies) -> None:
+                  evaluation: Replies, exchanges: int) -> None:
         """Record round `server_round` and save its checkpoint, once its evaluation (if
         any) is in. Its wall time runs from its start, or from the previous round's end
         if that came later: what the round added to the run."""
@@ -236,6 +242,7 @@ def main(grid: Grid, context: Context) -> None:
             central_epsilon=central.epsilon() if central is not None else None,
             sites=_site_rounds(train, evaluation, names),
             failures=sorted(s for s in train.statuses.values() if s != "ok"),
+            exchanges=exchanges,
         )
         run.record_round(record)
         run.save_checkpoint(server_round, from_arrays(template, unpack(round_global, layout)))
@@ -251,9 +258,11 @@ def main(grid: Grid, context: Context) -> None:
         failed = {names.get(n, f"node-{n}"): s for n, s in train.statuses.items()
                   if s != keys.STATUS_OK}
         LOG.info("round %d/%d: %d/%d sites counted%s, pooled %s %.3f, ε %s, wall %.1fs, "
-                 "slowest site %.1fs", server_round, config.num_rounds, counted,
-                 len(node_ids), f" (not counted: {failed})" if failed else "",
-                 record.score_metric, record.pooled_score, _epsilons(record), wall, slowest)
+                 "slowest site %.1fs, overhead %.1fs, %d exchange(s)", server_round,
+                 config.num_rounds, counted, len(node_ids),
+                 f" (not counted: {failed})" if failed else "", record.score_metric,
+                 record.pooled_score, _epsilons(record), wall, slowest,
+                 max(wall - slowest, 0.0), exchanges)
 
     try:
         if state.first_round == 1:
@@ -263,7 +272,8 @@ def main(grid: Grid, context: Context) -> None:
             if not config.dp.enabled:
                 LOG.warning("round %d: differential privacy is OFF (dp-enabled=false)",
                             server_round)
-            node_ids = wait_for_nodes(grid, k, config.round_timeout)  # whoever is online
+            node_ids = [n for n in wait_for_nodes(grid, k, config.round_timeout)
+                        if n not in refused]  # whoever is online and has not refused
             run.audit.append("global-model-sent", run_id=run.run_id, round=server_round,
                              nodes=len(node_ids), bytes=sum(a.nbytes for a in global_arrays),
                              sha256=digest_arrays(global_arrays))
@@ -271,14 +281,23 @@ def main(grid: Grid, context: Context) -> None:
                               keep=aggregator.needs_every_update or config.faults.cross_site,
                               uniform=central is not None,
                               max_weight=config.secagg.max_weight)
-            train = train_round(grid, context, config, server_round=server_round,
-                                global_arrays=global_arrays, node_ids=node_ids,
-                                signature=sign_model(signer, global_arrays, context.run_id,
-                                                     server_round, "train"), pool=pool)
-            # the previous round's evaluation came in during this training (it was queued
-            # first at every site); it must be recorded before this round aggregates
-            grid.settle()
+            # One exchange: this request carries the previous round's global model, which
+            # each site evaluates first (if that round is evaluated), then trains from.
+            train, carried = train_round(
+                grid, context, config, server_round=server_round,
+                global_arrays=global_arrays, node_ids=node_ids,
+                signature=sign_model(signer, global_arrays, context.run_id, server_round,
+                                     "train"),
+                pool=pool, roster=roster, evaluate_previous=awaiting is not None)
+            if awaiting is not None:  # the previous round is recorded before this one
+                awaiting(carried)
+                awaiting = None
             _name_unregistered(names, registered, train.site_ids)
+            for node, status in train.statuses.items():
+                if status in REFUSALS and node not in refused:
+                    refused.add(node)  # it would refuse again (ε only grows) and cost a
+                    LOG.warning("round %d: %s %s; not asked again in this run",  # recovery
+                                server_round, names.get(node, f"node-{node}"), status)
             updates, counted = _contributions(run, server_round, train, pool, config, central)
             if not updates or counted < k:  # recorded (who refused, who dropped), then stop
                 run.record_round(RoundRecord(
@@ -288,9 +307,15 @@ def main(grid: Grid, context: Context) -> None:
                     score_metric=keys.headline_metric(config.task), pooled_score=float("nan"),
                     sites=_site_rounds(train, Replies(), names),
                     failures=sorted(s for s in train.statuses.values() if s != "ok"),
+                    exchanges=train.exchanges,
                 ))
+                missing = sorted(names.get(n, f"node-{n}") for n, s in train.statuses.items()
+                                 if s != keys.STATUS_OK)
                 raise RunAborted(f"round {server_round}: {counted} site update(s) counted, "
-                                 f"fewer than min-train-sites={k} (sites: {train.statuses})")
+                                 f"fewer than min-train-sites={k}, or no aggregate (secure "
+                                 f"aggregation needs secagg-min-sites="
+                                 f"{config.secagg.min_sites} after one recovery); sites not "
+                                 f"counted: {missing} (statuses: {train.statuses})")
             sent = global_arrays  # the model this round's sites started from
             new_global = aggregator.next_global(server_round, global_arrays, updates)
             check_finite(new_global)
@@ -302,30 +327,26 @@ def main(grid: Grid, context: Context) -> None:
             end = partial(end_round, server_round, start, node_ids, train, counted,
                           step_norm, global_arrays, sent, pool, alive)
             if config.should_evaluate(server_round) and alive:
-                # Before the last round the evaluation is pushed aside: the next round's
-                # first exchange follows it in each site's queue, so no site idles in
-                # Flower's 3 s poll in between; this round ends when its replies are in.
-                signature = sign_model(signer, global_arrays, context.run_id, server_round,
-                                       "evaluate")
-                if server_round < config.num_rounds and not config.faults.max_in_flight:
-                    evaluate_aside(grid, config, server_round=server_round,
-                                   global_arrays=global_arrays, node_ids=alive,
-                                   signature=signature, on_done=end)
-                else:
+                if server_round < config.num_rounds:  # carried by the next request
+                    awaiting = partial(end, exchanges=train.exchanges)
+                else:  # the last round adds an evaluation-only exchange
                     end(evaluate_round(grid, config, server_round=server_round,
                                        global_arrays=global_arrays, node_ids=alive,
-                                       signature=signature))
+                                       signature=sign_model(signer, global_arrays,
+                                                            context.run_id, server_round,
+                                                            "evaluate")),
+                        exchanges=train.exchanges + 1)
             else:
-                end(Replies())
+                end(Replies(), exchanges=train.exchanges)
             # The round's Flower Messages (requests holding the model, replies, SecAgg+
             # stages) are reference cycles: free them now, not at some later full
             # collection, so a round's model copies never pile up across rounds.
             gc.collect()
-        grid.settle()
         run.finish("completed")
     except Exception:
-        try:  # a round whose evaluation was still out is recorded with what came in
-            grid.settle(wait=False)
+        try:  # a round whose evaluation was still out is recorded without it
+            if awaiting is not None:
+                awaiting(Replies())
         except Exception:  # noqa: BLE001 - the run's own error is the one to raise
             LOG.exception("could not record the last evaluated round")
         run.finish("failed")

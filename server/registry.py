@@ -80,6 +80,7 @@ class RoundRecord:
     sites: dict[str, SiteRound]
     failures: list[str]
     central_epsilon: float | None = None  # central DP: ε spent by the releases so far
+    exchanges: int = 1  # data-dependent message exchanges (key adverts, recovery, last eval)
 
     @property
     def overhead_seconds(self) -> float:

@@ -1,4 +1,5 @@
-"""The message exchanges of one round: training (SecAgg+ or plain) and evaluation."""
+"""The message exchanges of one round: training (masked or plain), which also carries the
+previous round's evaluation, and the last round's evaluation."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from common import keys
+from common import keys, masking
 from common.config import RunConfig
-from common.secagg import run_secagg_round
 from common.weights import numpy_views
 from server.aggregation import REJECTED_MALFORMED, SiteUpdate, UpdatePool
+from server.masked_sum import MaskedSum, Roster, masking_fields, recover
 from server.polling_grid import PollingGrid
 
 NO_REPLY = "no-reply"  # the status of a site whose reply never came
+DROPPED_IN_RECOVERY = "dropped-in-recovery"  # answered the round, not its recovery
 
 LOG = logging.getLogger("fedrad.server")
 _KNOWN_ERRORS = {
@@ -25,6 +27,7 @@ _KNOWN_ERRORS = {
     keys.ERROR_MODEL_REFUSED: "refused-model-signature",
     keys.ERROR_POLICY_REFUSED: keys.STATUS_REFUSED_POLICY,
     keys.ERROR_SITE_FAILED: "failed",
+    keys.ERROR_REKEY: "refused-rekey",
 }
 
 
@@ -35,7 +38,8 @@ class Replies:
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     site_ids: dict[int, str] = field(default_factory=dict)
     statuses: dict[int, str] = field(default_factory=dict)
-    update: list[np.ndarray] | None = None  # SecAgg+: the mean update, all the server sees
+    update: list[np.ndarray] | None = None  # masked: the mean update, all the server sees
+    exchanges: int = 0  # data-dependent message exchanges this took
 
 
 def _status_of_error(code: int) -> str:
@@ -43,12 +47,15 @@ def _status_of_error(code: int) -> str:
     return _KNOWN_ERRORS.get(code, f"error-{code}")
 
 
-def _request(global_arrays: list[np.ndarray], server_round: int, signature: bytes
-             ) -> RecordDict:
+def _request(global_arrays: list[np.ndarray], server_round: int, signature: bytes,
+             evaluate_previous: bool = False) -> RecordDict:
+    round_config: dict[str, Any] = {keys.SERVER_ROUND: server_round,
+                                            keys.MODEL_SIGNATURE: signature}
+    if evaluate_previous:  # the model is round r's global: evaluated, then trained from
+        round_config[keys.EVALUATE_ROUND] = server_round - 1
     return RecordDict({
         keys.WEIGHTS: ArrayRecord([np.asarray(a, dtype=np.float32) for a in global_arrays]),
-        keys.ROUND: ConfigRecord({keys.SERVER_ROUND: server_round,
-                                  keys.MODEL_SIGNATURE: signature}),
+        keys.ROUND: ConfigRecord(round_config),
     })
 
 
@@ -96,39 +103,57 @@ def _release_answered(request: RecordDict, out: Replies) -> None:
         _release(request.array_records[keys.WEIGHTS])
 
 
+def _carried(reply: Message, out: Replies) -> None:
+    """The previous round's evaluation a training reply carries, if any."""
+    node = reply.metadata.src_node_id
+    if reply.has_error() or keys.EVALUATION not in reply.content.metric_records:
+        return
+    try:
+        out.metrics[node] = _numbers(reply.content.metric_records[keys.EVALUATION])
+        out.site_ids[node] = str(reply.content.config_records[keys.SITE][keys.SITE_ID])
+    except (KeyError, TypeError, ValueError):
+        return
+    out.statuses[node] = keys.STATUS_OK
+
+
 def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, server_round: int,
-                global_arrays: list[np.ndarray], node_ids: list[int],
-                signature: bytes, pool: UpdatePool) -> Replies:
-    """Ask every node to train. SecAgg+: the mean update; otherwise each update goes to
-    `pool` as it arrives (screened; a rejection becomes the site's status)."""
-    out = Replies()
-    if config.secagg.enabled:
-        grid.take_error_codes()
-        outcome = run_secagg_round(
-            grid, context, server_round=server_round, global_arrays=global_arrays,
-            node_ids=node_ids,
-            fit_config={keys.SERVER_ROUND: server_round, keys.MODEL_SIGNATURE: signature},
-            settings=config.secagg, timeout=config.round_timeout,
-        )
-        for node, values in outcome.site_metrics.items():
-            out.metrics[node] = _numbers(values)
-            out.site_ids[node] = str(values.get(keys.SITE_ID, node))
-            out.statuses[node] = keys.STATUS_OK
-        errors = grid.take_error_codes()  # why the workflow dropped a node, if it said
-        for node in node_ids:
-            if node not in out.statuses:
-                out.statuses[node] = _status_of_error(errors[node]) if node in errors \
-                    else "dropped"
-        out.update = outcome.aggregate
-        return out
-    request = _request(global_arrays, server_round, signature)  # one copy for all sites
+                global_arrays: list[np.ndarray], node_ids: list[int], signature: bytes,
+                pool: UpdatePool, roster: Roster | None, evaluate_previous: bool = False
+                ) -> tuple[Replies, Replies]:
+    """Ask every node to train (first evaluating the model it is sent, when
+    `evaluate_previous`). Masked (`roster`): the sum of the masked replies, with one
+    recovery among the survivors if some site did not answer; otherwise each update goes
+    to `pool` as it arrives (screened; a rejection becomes the site's status). Returns the
+    training replies and the carried evaluation replies."""
+    out, carried = Replies(), Replies()
+    request = _request(global_arrays, server_round, signature, evaluate_previous)
+    participants = list(node_ids)
+    total = None
+    if roster is not None:
+        before = len(roster.adverts)
+        out.statuses.update(roster.refresh(grid, node_ids, config.round_timeout))
+        out.exchanges += len(roster.adverts) > before
+        participants = [n for n in node_ids if n in roster.adverts]
+        masking.check_set_size(len(participants), config.secagg.quantization_range,
+                               config.secagg.max_weight)
+        request[keys.MASKING] = masking_fields(roster, participants, 0)
+        total = MaskedSum(sum(int(a.size) for a in global_arrays) + 1)
     messages = [Message(request, dst_node_id=node, message_type=MessageType.TRAIN,
-                        group_id=str(server_round)) for node in node_ids]
+                        group_id=str(server_round)) for node in participants]
+    out.exchanges += 1
     for reply in grid.stream(messages, timeout=config.round_timeout,
                              window=config.faults.max_in_flight):
-        _collect([reply], out, node_ids)
+        _collect([reply], out, participants)
+        _carried(reply, carried)
         node = reply.metadata.src_node_id
         if out.statuses.get(node) != keys.STATUS_OK:
+            if roster is not None and out.statuses.get(node) == "refused-rekey":
+                roster.forget(node)  # it advertises again next round
+            continue
+        if total is not None:
+            if not total.add(node, reply.content.array_records.get(keys.MASKED)):
+                out.statuses[node] = REJECTED_MALFORMED
+            _release(reply.content.array_records.get(keys.MASKED))
             continue
         record = reply.content.array_records.get(keys.UPDATE)
         del reply
@@ -145,10 +170,41 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
         del arrays  # the pool keeps what it needs (a running sum, or the views)
         if rejected is not None:
             out.statuses[node] = rejected
-    for node in node_ids:
+    for node in participants:
         out.statuses.setdefault(node, NO_REPLY)
+        if evaluate_previous:
+            carried.statuses.setdefault(node, NO_REPLY)
     _release_answered(request, out)
-    return out
+    if total is not None:
+        _masked_aggregate(grid, config, server_round, total, participants, out)
+    return out, carried
+
+
+def _masked_aggregate(grid: PollingGrid, config: RunConfig, server_round: int,
+                      total: MaskedSum, participants: list[int], out: Replies) -> None:
+    """The mean update once the masks cancel: at once when every site answered, after
+    one recovery among the survivors when some did not, never below secagg-min-sites."""
+    survivors = sorted(total.nodes)
+    if survivors == sorted(participants):
+        out.update = total.mean(config.secagg)
+        return
+    if len(survivors) < config.secagg.min_sites:
+        LOG.warning("round %d: %d site(s) answered, fewer than secagg-min-sites=%d: no "
+                    "aggregate", server_round, len(survivors), config.secagg.min_sites)
+        return
+
+    def on_error(node: int, reply: Message) -> None:
+        out.statuses[node] = _status_of_error(reply.error.code)
+
+    out.exchanges += 1
+    again = recover(grid, survivors=survivors, server_round=server_round,
+                    length=int(total.total.size), timeout=config.round_timeout,
+                    on_error=on_error)
+    for node in set(survivors) - set(again.nodes):
+        if out.statuses.get(node) == keys.STATUS_OK:
+            out.statuses[node] = DROPPED_IN_RECOVERY
+    if sorted(again.nodes) == survivors:
+        out.update = again.mean(config.secagg)
 
 
 _UPDATE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
@@ -187,14 +243,3 @@ def evaluate_round(grid: PollingGrid, config: RunConfig, *, server_round: int,
     messages, collect = _evaluation(server_round, global_arrays, node_ids, signature)
     return collect(list(grid.stream(messages, timeout=config.round_timeout,
                                     window=config.faults.max_in_flight)))
-
-
-def evaluate_aside(grid: PollingGrid, config: RunConfig, *, server_round: int,
-                   global_arrays: list[np.ndarray], node_ids: list[int], signature: bytes,
-                   on_done: Callable[[Replies], None]) -> None:
-    """As evaluate_round, but the requests are pushed aside (PollingGrid.push_aside) and
-    this returns at once: the caller starts the next exchange, each site reaches it
-    straight after evaluating, and `on_done(replies)` runs during a later wait."""
-    messages, collect = _evaluation(server_round, global_arrays, node_ids, signature)
-    grid.push_aside(messages, timeout=config.round_timeout,
-                    on_done=lambda replies: on_done(collect(replies)))

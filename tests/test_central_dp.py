@@ -71,7 +71,7 @@ def test_site_updates_are_clipped_and_weighted_uniformly(phantom_sites, tmp_path
         outcomes[enabled] = train_outcome(
             run_id=1, node_config=node_config,
             run_config={**run_config, "central-dp-enabled": enabled},
-            global_arrays=global_arrays, server_round=1, legacy=True)
+            global_arrays=global_arrays, server_round=1, masked=False)
     clipped, plain = outcomes[True], outcomes[False]
     assert global_norm(clipped["update"]) == pytest.approx(0.01, rel=1e-3)
     assert global_norm(plain["update"]) > 0.05

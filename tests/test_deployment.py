@@ -1,5 +1,5 @@
 """The demo path in deployment mode: real SuperLink and SuperNodes on 127.0.0.1, TLS,
-node authentication, SecAgg+ and DP-SGD, on a tiny generated dataset."""
+node authentication, secure aggregation and DP-SGD, on a tiny generated dataset."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from common.config import RunConfig
 from common.models import build_model
 from common.weights import plain_state_dict
-from fedrad.demo import CONFIGS, SITE_BUDGET, run_demo
+from fedrad.demo import CONFIGS, SITE_BUDGET, DemoFailed, run_demo
 from server.registry import RunFolder
 from tests.conftest import find_canaries
 
@@ -49,14 +49,17 @@ def test_every_round_completed_with_every_site(demo) -> None:
 @pytest.mark.deployment
 def test_every_message_ran_from_the_sites_warm_launcher(demo) -> None:
     """Each site's SuperNode runs in process isolation; its launcher claimed every message
-    of every round (4 SecAgg+ stages + evaluation) and every ClientApp exited cleanly."""
+    and every ClientApp exited cleanly. One exchange per round: the run's key advert
+    (once), one training request per round (carrying the previous round's evaluation),
+    and the last round's evaluation."""
     for site in ["hospital-a", "hospital-b", "hospital-c"]:
         logs = demo.out / "sites" / site / "work" / "logs"
         launcher = (logs / "launcher.log").read_text()
-        assert launcher.count("ClientApp done in") == 5 * ROUNDS, site
+        assert launcher.count("ClientApp done in") == ROUNDS + 2, site
         assert "exited with" not in launcher
         supernode = (logs / "supernode.log").read_text()
-        assert supernode.count("Sent successfully") == 5 * ROUNDS, site
+        assert supernode.count("Sent successfully") == ROUNDS + 2, site
+    assert [row["exchanges"] for row in demo.rounds] == [2] + [1] * (ROUNDS - 2) + [2]
 
 
 @pytest.mark.deployment
@@ -119,35 +122,30 @@ def test_report_is_written(demo) -> None:
     assert "completed" in html and f"{ROUNDS} of {ROUNDS} rounds" in html
 
 
-@pytest.fixture(scope="module")
-def refusing(tmp_path_factory):
-    """hospital-c's own budget (1.0) is below what one round spends: it must refuse."""
-    out = tmp_path_factory.mktemp("deploy-budget") / "demo"
+@pytest.mark.deployment
+def test_a_site_over_budget_refuses_and_the_run_stops_below_the_secure_set(tmp_path) -> None:
+    """hospital-c's own budget (1.0) is below what one round spends: it refuses, and is
+    recorded as refused (not merely dropped), spending nothing. The two others are below
+    secagg-min-sites = 3 (and the sites' own min-secure-aggregation-sites): a sum of two
+    tells each the other's update, so no recovery is attempted, and the run stops with a
+    message naming the site. The refusal reason is a fixed sentence without data."""
+    out = tmp_path / "demo"
     overrides = {"num-rounds": 2, "image-size": 32, "local-epochs": 1, "batch-size": 8,
                  "dp-target-epsilon": TARGET_EPSILON}
-    result = run_demo(out, data=None, config_file=CONFIGS / "demo.toml", overrides=overrides,
-                      patients=8, say=print, budgets={"hospital-c": 1.0})
-    return result
-
-
-@pytest.mark.deployment
-def test_a_site_over_budget_refuses_and_the_server_records_it(refusing) -> None:
-    """Under SecAgg+ the refusing site is recorded as refused (not merely dropped); the
-    round aggregates the other two (reconstruction threshold 2 of 3); the site spends
-    nothing; the refusal reason is a fixed sentence without data."""
-    for row in refusing.rounds:
-        assert row["sites"]["hospital-c"]["status"] == "refused-privacy-budget"
-        assert row["failures"] == ["refused-privacy-budget"]
-        assert row["sites_trained"] == 2
-        assert "epsilon-total" not in row["sites"]["hospital-c"]["train"]
-        assert row["sites"]["hospital-c"]["evaluation"]  # evaluation spends no budget
-        for site in ("hospital-a", "hospital-b"):
-            assert row["sites"][site]["status"] == "ok"
-            assert row["sites"][site]["train"]["epsilon-total"] > 0
-    ledger = refusing.out / "sites" / "hospital-c" / "work" / "privacy-ledger.json"
+    with pytest.raises(DemoFailed, match="finished:failed"):
+        run_demo(out, data=None, config_file=CONFIGS / "demo.toml", overrides=overrides,
+                 patients=8, say=print, budgets={"hospital-c": 1.0})
+    (metrics,) = out.rglob("metrics.jsonl")
+    (row,) = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert row["sites"]["hospital-c"]["status"] == "refused-privacy-budget"
+    assert row["sites_trained"] == 2 and row["pooled_score"] != row["pooled_score"]  # nan
+    for site in ("hospital-a", "hospital-b"):
+        assert row["sites"][site]["status"] == "ok"
+    log = (out / "logs" / "serverapp.log").read_text()
+    assert "fewer than secagg-min-sites=3" in log and "'hospital-c'" in log
+    ledger = out / "sites" / "hospital-c" / "work" / "privacy-ledger.json"
     if ledger.exists():  # the site spent nothing: no session was ever recorded
-        data = json.loads(ledger.read_text())
-        assert not data["sessions"]
+        assert not json.loads(ledger.read_text())["sessions"]
 
 
 @pytest.mark.deployment

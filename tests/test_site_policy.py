@@ -1,6 +1,6 @@
 """The hospital's own policy (node config) decides what the site accepts, whatever the
-run config asks: refused before anything runs, with a fixed reason, audited; SecAgg+
-parameters that would weaken the masking are refused at the site."""
+run config asks: refused before anything runs, with a fixed reason, audited. (Masking
+parameters that would weaken secure aggregation: tests/test_masking.py.)"""
 
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ import json
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import (
-    RECORD_KEY_CONFIGS,
-    RECORD_KEY_STATE,
-)
 
 from client.app import app
 from client.errors import SiteRefusal
-from client.secagg_guard import secagg_guard_mod
 from client.site_policy import SitePolicy, check_run
 from common import keys
 from common.config import ConfigError
@@ -102,66 +97,6 @@ def test_the_server_cannot_override_the_policy_through_the_run_config(tmp_path) 
     assert check_run(SitePolicy(), run_config) == ["run-config"]
 
 
-# ---------------------------------------------------------------- SecAgg+ parameters
-def _stage(stage: str, **values) -> Message:
-    return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({"stage": stage, **values})}),
-                   dst_node_id=1, message_type=MessageType.TRAIN)
-
-
-def _passed(msg: Message, ctxt: Context) -> Message:
-    return Message(RecordDict({"passed": ConfigRecord({"yes": 1})}), reply_to=msg)
-
-
-SETUP = {"sample_num": 3, "share_num": 3, "threshold": 2, "clipping_range": 8.0,
-         "target_range": 4194304, "mod_range": 2**32, "max_weight": 1000.0}
-
-
-@pytest.mark.parametrize(
-    ("values", "problem"),
-    [
-        ({"threshold": 1}, "threshold 1 for 3 shares"),
-        ({"sample_num": 2, "share_num": 2}, "2 sites, below"),
-        ({"share_num": 5}, "share count 5 for 3 sites"),
-    ],
-)
-def test_a_server_that_weakens_secagg_setup_is_refused(tmp_path, values, problem) -> None:
-    context = _context(tmp_path, {})
-    with pytest.raises(SiteRefusal) as refusal:
-        secagg_guard_mod(_stage("setup", **{**SETUP, **values}), context, _passed)
-    assert refusal.value.code == keys.ERROR_POLICY_REFUSED
-    entry = _audit(tmp_path)[-1]
-    assert entry["event"] == "secagg-refused" and problem in entry["problem"]
-    assert "passed" in secagg_guard_mod(_stage("setup", **SETUP), context,
-                                        _passed).content.config_records
-
-
-def _after_key_exchange(tmp_path) -> Context:
-    context = _context(tmp_path, {})
-    context.state.config_records[RECORD_KEY_STATE] = ConfigRecord(
-        {"current_stage": "collect_masked_vectors", "public_keys_dict:K": [1, 2, 3],
-         "public_keys_dict:V": [b"a", b"b", b"c", b"d", b"e", b"f"]})
-    return context
-
-
-@pytest.mark.parametrize(
-    ("active", "dead", "problem"),
-    [
-        ([1, 2, 3], [3], "both active and dead"),  # unmasks site 3's update
-        ([1, 2], [9], "not among this site's neighbours"),
-        ([1, 1], [2], "named twice"),
-    ],
-)
-def test_a_server_that_names_a_live_site_dead_cannot_unmask_it(tmp_path, active, dead,
-                                                                problem) -> None:
-    context = _after_key_exchange(tmp_path)
-    with pytest.raises(SiteRefusal):
-        secagg_guard_mod(_stage("unmask", active_nids=active, dead_nids=dead), context,
-                         _passed)
-    assert problem in _audit(tmp_path)[-1]["problem"]
-    honest = _stage("unmask", active_nids=[1, 2], dead_nids=[3])
-    assert "passed" in secagg_guard_mod(honest, context, _passed).content.config_records
-
-
 def test_a_server_that_under_declares_its_rounds_cannot_pass_the_per_run_cap(
         phantom_sites, tmp_path) -> None:
     """num-rounds=1 plans σ for one round; every further round spends more. The site's
@@ -183,7 +118,7 @@ def test_a_server_that_under_declares_its_rounds_cannot_pass_the_per_run_cap(
         for server_round in range(1, 6):
             out = site_round.train_outcome(run_id=3, node_config=node_config,
                                            run_config=run_config, global_arrays=arrays,
-                                           server_round=server_round, legacy=False)
+                                           server_round=server_round, masked=False)
             spent.append(out["metrics"][keys.EPSILON_ROUND])
     assert refusal.value.code == keys.ERROR_POLICY_REFUSED
     assert refusal.value.reason.endswith("max-epsilon-per-run")

@@ -10,8 +10,8 @@ from client.dataset import DataSpec, load_site_dataset
 from client.ledger import Session, epsilon_of
 from client.training import SegmentationAlgo, dp_sampling, plan_noise_multiplier
 from common.config import RunConfig
+from common.masking import RangeError, quantise
 from common.models import ModelError, build_model, check_dp_compatible
-from common.secagg import SecAggRangeError, check_range
 from common.weights import UpdateError, check_finite, from_arrays, plain_state_dict, to_arrays
 
 
@@ -70,11 +70,13 @@ def test_local_training_learns_and_dp_counts_steps(phantom_sites, tmp_path) -> N
 
 def test_secagg_range_is_checked_not_clipped() -> None:
     config = RunConfig.from_mapping({}).secagg  # clipping range 8, max weight 1000
-    check_range([np.full(3, 100.0, np.float32)], num_examples=50, settings=config)  # 5.0 ok
-    with pytest.raises(SecAggRangeError, match="exceeds secagg-clipping-range"):
-        check_range([np.full(3, 200.0, np.float32)], num_examples=50, settings=config)
-    with pytest.raises(SecAggRangeError, match="exceeds secagg-max-weight"):
-        check_range([np.zeros(3, np.float32)], num_examples=1001, settings=config)
+    limits = {"clipping_range": config.clipping_range,
+              "quantization_range": config.quantization_range, "max_weight": config.max_weight}
+    quantise(np.full(3, 100.0, np.float32), 50, **limits)  # weighted peak 5.0: fits
+    with pytest.raises(RangeError, match="exceeds secagg-clipping-range"):
+        quantise(np.full(3, 200.0, np.float32), 50, **limits)
+    with pytest.raises(RangeError, match="secagg-max-weight"):
+        quantise(np.zeros(3, np.float32), 1001, **limits)
 
 
 def test_every_party_builds_the_same_initial_model() -> None:

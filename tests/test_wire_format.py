@@ -71,7 +71,7 @@ def test_a_float16_update_is_the_float32_update_in_half_the_bytes(phantom_sites,
         (tmp_path / dtype / "site.secret").write_bytes(secret)
         out[dtype] = train_outcome(run_id=1, node_config=node_config,
                                    run_config={**run_config, "update-dtype": dtype},
-                                   global_arrays=wire, server_round=1, legacy=False)
+                                   global_arrays=wire, server_round=1, masked=False)
     half, full = out["float16"]["update"][0], out["float32"]["update"][0]
     assert half.dtype == np.float16 and full.dtype == np.float32
     assert 2 * half.nbytes == full.nbytes and np.abs(full).max() > 1e-3
