@@ -1,5 +1,6 @@
 """Round overhead of a real deployment: SuperLink + 3 SuperNodes (+ site workers) on
-127.0.0.1, TLS, node authentication, SecAgg+ and DP-SGD, as `fedrad demo` runs them.
+127.0.0.1, TLS, node authentication, secure aggregation and DP-SGD, as `fedrad demo` runs
+them.
 
 Usage: python bench/round_overhead.py [--workload small|densenet] [--rounds N]
                                       [--no-workers] [--no-launchers] [--out DIR]
@@ -10,9 +11,12 @@ Usage: python bench/round_overhead.py [--workload small|densenet] [--rounds N]
   per site, cxr-classify on the phantoms' nodule label, 1 local epoch).
 
 Round overhead = round wall time - the slowest site's (data loading + training +
-evaluation) time, from the run's metrics.jsonl. The last line is
-`overhead_fraction=<mean overhead / mean round wall time>` over the rounds after the
-first (round 1 also pays process start-up and the first decode).
+evaluation) time, from the run's metrics.jsonl. The last lines are
+`overhead_seconds=<mean overhead>`, `exchanges_per_round=<mean exchanges>` and
+`overhead_fraction=<mean overhead / mean round wall time>` over the steady rounds: after
+the first (which also pays process start-up, the first decode and the key adverts) and
+before the last (which adds its evaluation-only exchange), or all rounds after the first
+when there are fewer than 3.
 """
 
 from __future__ import annotations
@@ -58,20 +62,22 @@ def main() -> None:
     print(f"workload={args.workload} rounds={args.rounds} workers={not args.no_workers} "
           f"launchers={not args.no_launchers} "
           f"total {time.monotonic() - start:.0f}s, run folder {result.run_dir}")
-    walls, overheads = [], []
+    walls, overheads, exchanges = [], [], []
+    last = len(result.rounds)
     for row in result.rounds:
         slowest = max((_site_seconds(s) for s in row["sites"].values()), default=0.0)
         overhead = row["wall_seconds"] - slowest
         print(f"round {row['server_round']}: wall {row['wall_seconds']:.1f}s, slowest site "
-              f"{slowest:.1f}s (load+train+eval), overhead {overhead:.1f}s")
-        if row["server_round"] > 1:
+              f"{slowest:.1f}s (load+train+eval), overhead {overhead:.1f}s, "
+              f"{row.get('exchanges', 1)} exchange(s)")
+        steady = 1 < row["server_round"] < last or (last < 3 and row["server_round"] > 1)
+        if steady or last == 1:
             walls.append(row["wall_seconds"])
             overheads.append(overhead)
-    if not walls:  # a single round: report it anyway
-        walls = [result.rounds[0]["wall_seconds"]]
-        overheads = [walls[0] - max(_site_seconds(s) for s in result.rounds[0]["sites"].values())]
+            exchanges.append(row.get("exchanges", 1))
     mean_overhead = sum(overheads) / len(overheads)
-    print(f"overhead per round (mean of rounds 2+): {mean_overhead:.1f}s")
+    print(f"overhead_seconds={mean_overhead:.2f}")
+    print(f"exchanges_per_round={sum(exchanges) / len(exchanges):.2f}")
     print(f"overhead_fraction={mean_overhead / (sum(walls) / len(walls)):.3f}")
 
 

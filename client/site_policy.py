@@ -2,7 +2,7 @@
 
 The policy lives in the site's node config (never in the run config, which the
 server writes), is strict by default and is enforced by `site_policy_mod` on every
-message before anything runs: before SecAgg+'s key exchange, before any data is
+message before anything runs: before key adverts, before any data is
 loaded, before any training or evaluation. A run that asks for more than the policy
 allows is refused with a fixed, sanitised reason naming the policy keys it broke
 (`refused-site-policy` in the server's round records), and the refusal is written to

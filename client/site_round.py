@@ -153,7 +153,7 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
         weight = 1
     update = [np.asarray(a, dtype=np.float32) for a in subtract(local, global_arrays)]
     check_finite(update)
-    if config.update_dtype is UpdateDType.FLOAT16:  # half the bytes (SecAgg+ is off)
+    if config.update_dtype is UpdateDType.FLOAT16:  # half the bytes (secure aggregation is off)
         update = [a.astype(np.float16) for a in update]
         check_finite(update)  # beyond float16's ±65504: refused, never sent as Inf
     metrics.update({

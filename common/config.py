@@ -62,12 +62,12 @@ class Strategy(enum.StrEnum):
 
     @property
     def needs_individual_updates(self) -> bool:
-        """Robust rules look at each site's update, which SecAgg+ hides from the server."""
+        """Robust rules look at each site's update, which secure aggregation hides."""
         return self in {Strategy.FEDMEDIAN, Strategy.FEDTRIMMEDAVG, Strategy.KRUM}
 
 
 class UpdateDType(enum.StrEnum):
-    """How a site's update travels without SecAgg+ (SecAgg+ sends integers anyway)."""
+    """How a site's update travels without secure aggregation (it sends integers anyway)."""
 
     FLOAT32 = "float32"
     FLOAT16 = "float16"  # half the bytes; the server averages in float32
@@ -97,7 +97,7 @@ class DPConfig:
 class CentralDPConfig:
     """Central (site-level) DP: each site clips its update to `clipping_norm`, the server
     adds Gaussian noise of std noise_multiplier x clipping_norm / sites to the mean of
-    the clipped updates (uniform weights), under SecAgg+ or not."""
+    the clipped updates (uniform weights), under secure aggregation or not."""
 
     enabled: bool
     noise_multiplier: float
@@ -118,7 +118,7 @@ class CentralDPConfig:
 
 @dataclass(frozen=True)
 class SecAggConfig:
-    """SecAgg+ settings of a run."""
+    """secure aggregation settings of a run."""
 
     enabled: bool
     min_sites: int
@@ -290,15 +290,17 @@ class RunConfig:
             raise ConfigError(f"image-size must be a multiple of 8, got {config.image_size}")
         if config.secagg.enabled and config.update_dtype is not UpdateDType.FLOAT32:
             raise ConfigError(
-                f"update-dtype={config.update_dtype.value} has no effect under SecAgg+ (its "
-                "masked vectors are integers); keep float32, or set secagg-enabled=false")
+                f"update-dtype={config.update_dtype.value} has no effect under secure "
+                "aggregation (its masked vectors are integers); keep float32, or set "
+                "secagg-enabled=false")
         _check_strategy(config)
         if config.secagg.enabled and config.min_sites < config.secagg.min_sites:
             if not config.secagg.allow_fewer_sites:
                 raise ConfigError(
-                    f"SecAgg+ with min-sites={config.min_sites} protects nothing: with fewer "
-                    f"than {config.secagg.min_sites} sites a site can infer another's update. "
-                    "Raise min-sites, or set secagg-allow-fewer-sites=true to accept this."
+                    f"secure aggregation with min-sites={config.min_sites} protects nothing: "
+                    f"with fewer than {config.secagg.min_sites} sites a site can infer "
+                    "another's update. Raise min-sites, or set secagg-allow-fewer-sites=true "
+                    "to accept this."
                 )
         return config
 
@@ -331,9 +333,9 @@ def _check_strategy(config: RunConfig) -> None:
                           "sites than the run starts with")
     if name.needs_individual_updates and config.secagg.enabled:
         raise ConfigError(
-            f"strategy={name.value} needs each site's own update, which SecAgg+ hides from "
-            "the server; use fedavg, fedprox or fedadam, or set secagg-enabled=false and "
-            "accept that the server sees individual updates")
+            f"strategy={name.value} needs each site's own update, which secure "
+            "aggregation hides from the server; use fedavg, fedprox or fedadam, or set "
+            "secagg-enabled=false and accept that the server sees individual updates")
     if name.needs_individual_updates and config.central_dp.enabled:
         raise ConfigError(
             f"strategy={name.value} does not average, so central DP's noise (calibrated for a "
@@ -341,7 +343,7 @@ def _check_strategy(config: RunConfig) -> None:
     if config.faults.cross_site and config.secagg.enabled:
         raise ConfigError(
             "cross-site-validation sends each site's local model to the other sites, and "
-            "SecAgg+ exists to hide it; set secagg-enabled=false to allow it")
+            "secure aggregation exists to hide it; set secagg-enabled=false to allow it")
     if config.faults.cross_site and not config.dp.enabled:
         raise ConfigError(
             "cross-site-validation without DP would hand each site's local model, trained "
@@ -349,14 +351,14 @@ def _check_strategy(config: RunConfig) -> None:
             "dp-enabled=true")
     if config.faults.max_update_norm > 0 and config.secagg.enabled:
         raise ConfigError(
-            "max-update-norm needs each site's own update, which SecAgg+ hides (SecAgg+ "
-            "bounds updates with secagg-clipping-range instead); set max-update-norm = 0 "
+            "max-update-norm needs each site's own update, which secure aggregation "
+            "hides (it bounds updates with secagg-clipping-range instead); set max-update-norm = 0 "
             "or secagg-enabled=false")
     if config.faults.max_in_flight and config.secagg.enabled:
         raise ConfigError(
-            "max-sites-in-flight sends training requests a few at a time, and SecAgg+ needs "
-            "every site in the same exchange to mask; set max-sites-in-flight = 0 or "
-            "secagg-enabled=false")
+            "max-sites-in-flight sends training requests a few at a time, and secure "
+            "aggregation needs every site of the set in the same exchange; set "
+            "max-sites-in-flight = 0 or secagg-enabled=false")
     if name is Strategy.KRUM:
         # Krum scores an update by its n-f-2 nearest others: at least one must remain.
         # (Its worst-case guarantee of Blanchard et al. needs n >= 2f+3.)

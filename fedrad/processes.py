@@ -253,7 +253,7 @@ def supernode_command(*, superlink: str, ca_cert: Path, auth_key: Path, port: in
         trust += ["--ssl-certfile", str(runtime_tls.cert), "--ssl-keyfile",
                   str(runtime_tls.key), "--ssl-ca-certfile", str(runtime_tls.ca_cert)]
     return [
-        str(BIN / "flower-supernode"),
+        sys.executable, "-m", "fedrad.supernode",  # flower-supernode, waits shortened
         "--root-certificates", str(ca_cert), "--superlink", superlink,
         "--auth-supernode-private-key", str(auth_key),
         "--node-config", node_config_arg(node_config),

@@ -3,7 +3,7 @@
 fedrad does not reimplement FedAvg, FedProx, FedAdam, FedMedian, FedTrimmedAvg or Krum:
 `Aggregator` hands the sites' models (global + update, in the packed wire form of
 common.weights) to the matching `flwr.serverapp.strategy` class and reads its result.
-Under SecAgg+ (or central DP) the server holds only the mean update; the strategy then
+Under secure aggregation (or central DP) the server holds only the mean update; the strategy then
 sees that one mean as a single reply, which is FedAdam's input; for FedAvg and FedProx the
 mean of that one reply is the reply itself, so the strategy is not called.
 

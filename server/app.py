@@ -174,7 +174,7 @@ def _contributions(run: RunFolder, server_round: int, train: Replies, pool: Upda
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run `num-rounds` rounds: DP training at the sites, SecAgg+ or screened updates,
+    """Run `num-rounds` rounds: DP training at the sites, secure aggregation or screened updates,
     the run's strategy, k-of-n participation, evaluation every N rounds, checkpoints."""
     _configure_logging()
     return_large_frees()
@@ -202,7 +202,7 @@ def main(grid: Grid, context: Context) -> None:
         if config.faults.max_update_norm == 0:
             LOG.warning("max-update-norm is 0: a site's update of any size is accepted "
                         "(weights above secagg-max-weight are still rejected); set a bound "
-                        "for runs without SecAgg+")
+                        "for runs without secure aggregation")
     if not config.dp.enabled:
         LOG.warning("differential privacy is OFF for this run")
     registered = registered_sites()  # node id → site, from the node keys the server holds
@@ -216,13 +216,14 @@ def main(grid: Grid, context: Context) -> None:
     def end_round(server_round: int, start: float, node_ids: list[int], train: Replies,
                   counted: int, step_norm: float, round_global: list[np.ndarray],
                   sent: list[np.ndarray], pool: UpdatePool, alive: list[int],
-                  evaluation: Replies, exchanges: int) -> None:
+                  evaluation: Replies, exchanges: int, ended: float | None = None) -> None:
         """Record round `server_round` and save its checkpoint, once its evaluation (if
         any) is in. Its wall time runs from its start, or from the previous round's end
-        if that came later: what the round added to the run."""
+        if that came later, to its end: its aggregate (`ended`) when its evaluation rode
+        on the next round's exchange, else now. What the round added to the run."""
         nonlocal last_end
         _name_unregistered(names, registered, evaluation.site_ids)
-        now = time.perf_counter()
+        now = time.perf_counter() if ended is None else ended
         wall, last_end = now - max(start, last_end), now
         slowest = max(
             (m.get("load-seconds", 0.0) + m.get("train-seconds", 0.0)
@@ -328,7 +329,8 @@ def main(grid: Grid, context: Context) -> None:
                           step_norm, global_arrays, sent, pool, alive)
             if config.should_evaluate(server_round) and alive:
                 if server_round < config.num_rounds:  # carried by the next request
-                    awaiting = partial(end, exchanges=train.exchanges)
+                    awaiting = partial(end, exchanges=train.exchanges,
+                                       ended=time.perf_counter())
                 else:  # the last round adds an evaluation-only exchange
                     end(evaluate_round(grid, config, server_round=server_round,
                                        global_arrays=global_arrays, node_ids=alive,
@@ -338,7 +340,7 @@ def main(grid: Grid, context: Context) -> None:
                         exchanges=train.exchanges + 1)
             else:
                 end(Replies(), exchanges=train.exchanges)
-            # The round's Flower Messages (requests holding the model, replies, SecAgg+
+            # The round's Flower Messages (requests holding the model, replies, secure aggregation
             # stages) are reference cycles: free them now, not at some later full
             # collection, so a round's model copies never pile up across rounds.
             gc.collect()
@@ -362,7 +364,7 @@ def _cross_site(grid: PollingGrid, context: Context, config: RunConfig, signer: 
                 names: dict[int, str]) -> dict[str, dict[str, dict[str, float]]]:
     """Each site's local model of the last round (the global model it started from plus its
     DP-trained update) and the global model, evaluated at every site: model → site →
-    metrics. Only allowed without SecAgg+ and with DP (common.config)."""
+    metrics. Only allowed without secure aggregation and with DP (common.config)."""
     models = {"global": global_arrays}
     for update in updates:
         models[f"local:{names.get(update.node_id, update.node_id)}"] = [

@@ -1,13 +1,13 @@
-"""Central (site-level) differential privacy on the aggregate, SecAgg+ compatible.
+"""Central (site-level) differential privacy on the aggregate, secure aggregation compatible.
 
 Flower's `DifferentialPrivacyClientSideFixedClipping` wraps a Message-API Strategy
 and pairs with `fixedclipping_mod`, which clips (reply weights - received weights).
-fedrad's rounds do not run through a Strategy's loop (SecAgg+ runs through the
-legacy workflow in common/secagg.py) and its sites reply with the update itself, so
+fedrad's rounds do not run through a Strategy's loop (secure aggregation is fedrad's own,
+common/masking.py) and its sites reply with the update itself, so
 the wrapper and the mod cannot be dropped in. The same mechanism is built here from
 Flower's own DP primitives (`flwr.supercore.differential_privacy`): each site clips
 its update with `compute_clip_model_update` (client/site_round.py), the server
-averages the clipped updates with uniform weights (SecAgg+ sees only their sum) and
+averages the clipped updates with uniform weights (secure aggregation sees only their sum) and
 adds `add_gaussian_noise_inplace` with std `compute_stdv(sigma, C, sites)`.
 
 Accounting: Flower's RDP accountant needs the optional dp-accounting package, so ε

@@ -111,7 +111,7 @@ def test_screening(update: SiteUpdate, max_norm: float, reason: str | None) -> N
 
 
 @pytest.mark.parametrize(("values", "named"), [
-    ({"strategy": "krum"}, "SecAgg+ hides"),
+    ({"strategy": "krum"}, "secure aggregation hides"),
     ({"strategy": "fedmedian", "secagg-enabled": False, "central-dp-enabled": True},
      "central DP"),
     ({"max-update-norm": 5.0}, "max-update-norm"),
@@ -121,7 +121,7 @@ def test_screening(update: SiteUpdate, max_norm: float, reason: str | None) -> N
     ({"strategy": "fedyogi"}, "strategy must be one of"),
     ({"trim-fraction": 0.5, "secagg-enabled": False}, "trim-fraction"),
     ({"evaluate-every": 0}, "evaluate-every must be >= 1"),
-    ({"cross-site-validation": True}, "SecAgg+ exists to hide it"),
+    ({"cross-site-validation": True}, "secure aggregation exists to hide it"),
     ({"cross-site-validation": True, "secagg-enabled": False, "dp-enabled": False},
      "without DP"),
     ({"max-sites-in-flight": 4}, "every site in the same exchange"),

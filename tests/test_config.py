@@ -40,7 +40,7 @@ def test_round_trip() -> None:
         ({"dp-enabled": "yes"}, "dp-enabled must be true or false"),
         ({"image-size": 60}, "image-size must be a multiple of 8"),
         ({"val-fraction": 1.0}, r"val-fraction must be in \(0, 1\)"),
-        ({"min-sites": 2}, "SecAgg\\+ with min-sites=2 protects nothing"),
+        ({"min-sites": 2}, "secure aggregation with min-sites=2 protects nothing"),
     ],
 )
 def test_bad_run_config_names_the_key(override: dict, match: str) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import stat
 import tarfile
 
+from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
+from common.pki import site_identity
 from fedrad.cli import app
 
 
@@ -29,10 +31,15 @@ def test_provisioning_a_consortium_and_its_kits(tmp_path) -> None:
     assert stat.S_IMODE(kit.stat().st_mode) == 0o600
     with tarfile.open(kit) as archive:
         members = {m.name: m for m in archive.getmembers()}
-        assert set(members) == {"ca.pem", "node.key", "node.pub", "signing.pub",
+        assert set(members) == {"ca.pem", "node.key", "node.pub", "site.pem", "signing.pub",
                                 "trusted-entities.yaml", "apps.json", "kit.json",
                                 "node-config.toml", "README.txt"}
         assert members["node.key"].mode == 0o600
+        site, key = site_identity(archive.extractfile("site.pem").read(),
+                                  (folder / "ca.crt").read_bytes())
+        assert site == "hospital-a" and key.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        ) == archive.extractfile("node.pub").read().split(b" fedrad-")[0]
         assert archive.extractfile("signing.pub").read() == (folder / "signing.pub").read_bytes()
         assert b"OPENSSH PRIVATE KEY" in archive.extractfile("node.key").read()
     dup = runner.invoke(app, ["consortium", "add-site", "hospital-a", "--folder", str(folder)])

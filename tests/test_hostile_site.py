@@ -38,8 +38,8 @@ def _round(hostile) -> tuple[dict[int, str], np.ndarray]:
     pool = UpdatePool(GLOBAL, max_norm=0.0, keep=False, uniform=False,
                       max_weight=CONFIG.secagg.max_weight)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    out = train_round(grid, context, CONFIG, server_round=1, global_arrays=GLOBAL,
-                      node_ids=[1, 2, 3], signature=b"", pool=pool)
+    out, _ = train_round(grid, context, CONFIG, server_round=1, global_arrays=GLOBAL,
+                         node_ids=[1, 2, 3], signature=b"", pool=pool, roster=None)
     return out.statuses, pool.mean()[0]
 
 

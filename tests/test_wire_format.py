@@ -47,7 +47,8 @@ def test_a_packed_model_of_another_layout_is_refused(wire, match) -> None:
 
 
 def test_float16_updates_only_without_secagg() -> None:
-    with pytest.raises(ConfigError, match="update-dtype=float16 has no effect under SecAgg"):
+    with pytest.raises(ConfigError,
+                       match="update-dtype=float16 has no effect under secure aggregation"):
         RunConfig.from_mapping({"update-dtype": "float16"})
     config = RunConfig.from_mapping({"update-dtype": "float16", "secagg-enabled": False})
     assert config.update_dtype is UpdateDType.FLOAT16
