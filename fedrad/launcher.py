@@ -56,6 +56,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime import run_clientapp as runtime_module
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+from fedrad.flower_waits import shorten_object_pulls
+
 LOG = logging.getLogger("fedrad.launcher")
 
 ACTIVE_POLL_S = 0.1  # while messages keep coming (a round's SecAgg+ stages)
@@ -144,6 +146,9 @@ def run_server_task(address: str, token: str, parent_pid: int, ca: bytes,
 
     try:
         pin_fabs(consortium_pins(consortium), module=server_runtime)
+        # replies are listed before their objects are up: pull them without 1-10 s waits
+        shorten_object_pulls(importlib.import_module("flwr.superlink.grid.http_grid"),
+                             "pull_objects")
         log_queue: Queue[str | None] = Queue()
         mirror_output_to_queue(log_queue)  # `flwr log` shows the ServerApp's output
         server_runtime.run_serverapp(runtime_api_address=address, log_queue=log_queue,
@@ -177,6 +182,8 @@ def run_task(address: str, token: str, parent_pid: int, ca: bytes,
     pinned FABs only); the exit code."""
     try:
         pin_fabs(pins)
+        # the SuperNode lists a request before it has its objects: no 1-10 s waits
+        shorten_object_pulls(runtime_module, "pull_and_inflate_object_from_tree")
         run_clientapp(runtime_api_address=address, token=token, insecure=False,
                       certificates=ca, parent_pid=parent_pid,
                       runtime_dependency_install=False)
