@@ -5,16 +5,17 @@ its Runtime API for pending tasks (`AcquireTask`, signed with the site's SuperEx
 so nothing else on the host can claim a task) and starts a `flwr-clientapp` for each one.
 Flower's own `flower-superexec` polls once a second and starts a fresh Python for every
 message, which imports Flower again: 1.6 s alone, about 3 s when three sites on two
-cores start one at once, paid for every message of a round (5 with SecAgg+).
+cores start one at once, paid for every message of a round.
 
 This launcher imports Flower's ClientApp runtime once, polls every 0.1 s while a run is
 active, and forks a child per task that runs Flower's own `run_clientapp` with the task's
 token. Every message still runs in a process of its own, as with `flwr-clientapp`: nothing
 of one message's state reaches the next. The launcher holds no threads, sockets to
-anything but the Runtime API, or data; a child reseeds numpy's global generator, which
-Flower's SecAgg+ quantisation draws from (Python's `random` reseeds itself on fork). It
-imports none of the app's packages (client, common, server), so each child loads the
-run's signed FAB, as `flwr-clientapp` does.
+anything but the Runtime API, or data; a child reseeds numpy's global generator, so no
+two children share a stream (Python's `random` reseeds itself on fork). Each child pulls
+objects with fedrad.flower_waits' short backoff. It imports none of the app's packages
+(client, common, server), so each child loads the run's signed FAB, as `flwr-clientapp`
+does.
 
 Trust runs both ways. The launcher proves itself to the SuperNode with the secret; the
 SuperNode proves itself to the launcher with a TLS certificate that `fedrad site start`
@@ -60,7 +61,7 @@ from fedrad.flower_waits import shorten_object_pulls
 
 LOG = logging.getLogger("fedrad.launcher")
 
-ACTIVE_POLL_S = 0.1  # while messages keep coming (a round's SecAgg+ stages)
+ACTIVE_POLL_S = 0.1  # while messages keep coming (a run's rounds)
 IDLE_POLL_S = 0.5  # once none came for IDLE_AFTER_S
 IDLE_AFTER_S = 60.0
 _ACQUIRE = "/flwr.proto.Runtime/AcquireTask"

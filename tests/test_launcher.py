@@ -85,8 +85,8 @@ def test_only_the_holder_of_the_supernodes_secret_may_claim_its_tasks(supernode)
 
 
 def test_each_forked_clientapp_draws_its_own_numpy_stream(tmp_path) -> None:
-    """Flower's SecAgg+ quantisation draws from numpy's global generator: children forked
-    from one launcher must not repeat each other's (or the launcher's) draws."""
+    """Code that draws from numpy's global generator in a ClientApp: children forked from
+    one launcher must not repeat each other's (or the launcher's) draws."""
     np.random.seed(1234)
     out = [tmp_path / f"child-{i}.npy" for i in range(3)]
 
