@@ -124,7 +124,7 @@ def test_screening(update: SiteUpdate, max_norm: float, reason: str | None) -> N
     ({"cross-site-validation": True}, "secure aggregation exists to hide it"),
     ({"cross-site-validation": True, "secagg-enabled": False, "dp-enabled": False},
      "without DP"),
-    ({"max-sites-in-flight": 4}, "every site in the same exchange"),
+    ({"max-sites-in-flight": 4}, "every site of the set in the same exchange"),
     ({"max-sites-in-flight": -1, "secagg-enabled": False}, "max-sites-in-flight"),
 ])
 def test_strategy_settings_that_would_protect_or_aggregate_less_are_refused(

@@ -235,6 +235,7 @@ def test_a_federation_across_network_namespaces(tmp_path, phantom_sites) -> None
 
         values = load_run_config(CONFIGS / "demo.toml", {
             "num-rounds": 2, "min-sites": 2, "secagg-allow-fewer-sites": True,
+            "secagg-min-sites": 2,  # the survivors of the cut may recover the round
             "image-size": 32, "local-epochs": 2,
             "round-timeout": 45.0})
         config = tmp_path / "run.toml"
@@ -257,7 +258,8 @@ def test_a_federation_across_network_namespaces(tmp_path, phantom_sites) -> None
         assert status == "finished:completed" and len(rows) == 2, (status, rows)
         first = rows[0]
         assert set(first["sites"]) == set(SITES)  # named by their registered node keys
-        assert first["sites"]["hospital-c"]["status"] == "dropped"
+        assert first["sites"]["hospital-c"]["status"] == "no-reply"
+        assert first["exchanges"] == 3  # key adverts, training, the survivors' recovery
         assert first["sites_trained"] == 2
         for site in ("hospital-a", "hospital-b"):
             assert first["sites"][site]["status"] == "ok"

@@ -54,8 +54,9 @@ def test_a_folded_update_is_freed_without_waiting_for_the_garbage_collector(
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        out = train_round(grid, None, config, server_round=1, global_arrays=global_arrays,
-                          node_ids=list(range(1, SITES + 1)), signature=b"s", pool=pool)
+        out, _ = train_round(grid, None, config, server_round=1,
+                             global_arrays=global_arrays, node_ids=list(range(1, SITES + 1)),
+                             signature=b"s", pool=pool, roster=None)
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()

@@ -57,7 +57,7 @@ def test_worker_trains_like_the_clientapp_process_and_stays_warm(site, tmp_path)
     global_arrays = pack(to_arrays(plain_state_dict(build_model(
         RunConfig.from_mapping(RUN_CONFIG)))))
     request = {"run_id": 7, "node_config": node_config, "run_config": RUN_CONFIG,
-               "global_arrays": global_arrays, "server_round": 1, "legacy": False}
+               "global_arrays": global_arrays, "server_round": 1, "masked": False}
     remote = worker.call(work, "train", request)
     local_config = {**node_config, "work-dir": str(tmp_path / "local-work")}
     (tmp_path / "local-work").mkdir()  # the same site: its secret, so its split
@@ -78,7 +78,7 @@ def test_worker_trains_like_the_clientapp_process_and_stays_warm(site, tmp_path)
     for a, b in zip(remote_plain["update"], local_plain["update"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
     assert remote["metrics"][keys.LOAD_SECONDS] > 0
-    second = worker.call(work, "evaluate", {k: v for k, v in request.items() if k != "legacy"})
+    second = worker.call(work, "evaluate", {k: v for k, v in request.items() if k != "masked"})
     assert second["metrics"][keys.LOAD_SECONDS] == 0.0  # warm: no loading, no imports
     assert 0 <= second["metrics"][keys.EVAL_DICE] <= 1
 
@@ -89,7 +89,7 @@ def test_refusal_keeps_its_code_and_the_worker_goes_on(site) -> None:
     global_arrays = pack(to_arrays(plain_state_dict(build_model(
         RunConfig.from_mapping(RUN_CONFIG)))))
     request = {"run_id": 8, "node_config": broke, "run_config": RUN_CONFIG,
-               "global_arrays": global_arrays, "server_round": 1, "legacy": False}
+               "global_arrays": global_arrays, "server_round": 1, "masked": False}
     with pytest.raises(SiteRefusal) as refusal:
         worker.call(work, "train", request)
     assert refusal.value.code == keys.ERROR_BUDGET_REFUSED
@@ -97,7 +97,7 @@ def test_refusal_keeps_its_code_and_the_worker_goes_on(site) -> None:
     with pytest.raises(SiteRefusal) as failure:  # a bad request: a fixed reason, no text
         worker.call(work, "train", {**request, "global_arrays": [global_arrays[0][:-1]]})
     assert failure.value.code == keys.ERROR_SITE_FAILED
-    assert worker.call(work, "evaluate", {k: v for k, v in request.items() if k != "legacy"})
+    assert worker.call(work, "evaluate", {k: v for k, v in request.items() if k != "masked"})
 
 
 def test_no_service_without_the_sites_key(site) -> None:
