@@ -130,9 +130,8 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
     participants = list(node_ids)
     total = None
     if roster is not None:
-        before = len(roster.adverts)
+        out.exchanges += any(n not in roster.adverts for n in node_ids)  # key adverts
         out.statuses.update(roster.refresh(grid, node_ids, config.round_timeout))
-        out.exchanges += len(roster.adverts) > before
         participants = [n for n in node_ids if n in roster.adverts]
         masking.check_set_size(len(participants), config.secagg.quantization_range,
                                config.secagg.max_weight)
@@ -144,8 +143,9 @@ def train_round(grid: PollingGrid, context: Context, config: RunConfig, *, serve
     for reply in grid.stream(messages, timeout=config.round_timeout,
                              window=config.faults.max_in_flight):
         _collect([reply], out, participants)
-        _carried(reply, carried)
         node = reply.metadata.src_node_id
+        if node in participants:
+            _carried(reply, carried)
         if out.statuses.get(node) != keys.STATUS_OK:
             if roster is not None and out.statuses.get(node) == "refused-rekey":
                 roster.forget(node)  # it advertises again next round
