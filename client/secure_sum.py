@@ -1,7 +1,8 @@
 """The site's side of secure aggregation (protocol and threat model: common.masking).
 
 - `advertise`: the run's X25519 key (made once per run, kept in `<work-dir>/masking/`,
-  mode 0600), signed with the site's node key, with its consortium certificate.
+  mode 0600, for the KEPT_RUNS most recently keyed runs only), signed with the site's
+  node key, with its consortium certificate.
 - `plan`: checks a training request's roster and set *before* any training (so a refused
   round costs no ε): every advert certified, this site's own key in it, a set of at least
   `min-secure-aggregation-sites` sites that fits the quantisation range.
@@ -37,6 +38,7 @@ LOG = logging.getLogger("fedrad.client")
 FOLDER = "masking"
 CERTIFICATE, NODE_KEY, CONSORTIUM_CA = "site-certificate", "node-key", "consortium-ca"
 NODE_CONFIG_KEYS = frozenset({CERTIFICATE, NODE_KEY, CONSORTIUM_CA})
+KEPT_RUNS = 4  # runs whose key and cached update a site keeps (the most recently keyed)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,20 @@ def run_key(work_dir: Path, run_id: int) -> X25519PrivateKey:
         handle.write(key.private_bytes(serialization.Encoding.Raw,
                                        serialization.PrivateFormat.Raw,
                                        serialization.NoEncryption()))
+    _prune(folder)
     return key
+
+
+def _prune(folder: Path) -> None:
+    """Remove the keys and cached updates of all but the KEPT_RUNS most recently keyed
+    runs. A run still going whose key went asks this site to advertise a new one
+    (refused-rekey), so nothing breaks; nothing of an ended run stays on disk for long."""
+    keys_by_age = sorted(folder.glob("run-*.key"), key=lambda p: p.stat().st_mtime,
+                         reverse=True)
+    for old in keys_by_age[KEPT_RUNS:]:
+        run = old.name.removesuffix(".key")
+        for path in (old, folder / f"{run}.pending.npz"):
+            path.unlink(missing_ok=True)
 
 
 def _public(key: X25519PrivateKey) -> bytes:

@@ -294,3 +294,25 @@ def test_an_update_outside_the_clipping_range_is_refused_not_clipped():
         _quantised(np.zeros(3, dtype=np.float32), int(SETTINGS.max_weight) + 1)
     with pytest.raises(masking.MaskingError, match="2\\^31"):
         masking.check_set_size(600, SETTINGS.quantization_range, SETTINGS.max_weight)
+
+
+def test_only_the_most_recent_runs_keys_and_cached_updates_stay_on_disk(tmp_path):
+    """A site cannot tell when a run ended: it keeps the keys (and cached updates) of the
+    KEPT_RUNS most recently keyed runs, mode 0600, and removes the rest."""
+    import stat
+    import time
+
+    folder = tmp_path / secure_sum.FOLDER
+    for run in range(1, secure_sum.KEPT_RUNS + 3):
+        secure_sum.run_key(tmp_path, run)
+        (folder / f"run-{run}.pending.npz").write_bytes(b"cached")
+        time.sleep(0.02)  # distinct modification times, whatever the filesystem's clock
+    secure_sum.run_key(tmp_path, 99)  # a new run prunes
+    kept = sorted(p.name for p in folder.glob("run-*.key"))
+    assert len(kept) == secure_sum.KEPT_RUNS
+    assert kept == sorted(["run-99.key", *(f"run-{r}.key" for r in range(
+        secure_sum.KEPT_RUNS, secure_sum.KEPT_RUNS + 3))])  # the newest, by when keyed
+    assert not (folder / "run-1.pending.npz").exists()
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.glob("run-*.key"))
+    again = secure_sum.run_key(tmp_path, 99)  # the same run: the same key, nothing made
+    assert again.private_bytes_raw() == secure_sum.run_key(tmp_path, 99).private_bytes_raw()
