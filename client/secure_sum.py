@@ -73,7 +73,7 @@ def _file(node_config: Any, key: str) -> bytes:
     if not path or not Path(str(path)).expanduser().is_file():
         LOG.error("node config %s is not set or not a file: this site's kit has no site "
                   "certificate (site.pem); ask the coordinator for a new kit "
-                  "(`fedrad consortium kit`)", key)
+                  "(`fedrad consortium reissue-kit SITE`)", key)
         raise policy_refusal(["site-certificate"])
     return Path(str(path)).expanduser().read_bytes()
 

@@ -80,6 +80,33 @@ def consortium_add_site(
     typer.echo(f"startup kit for {site}: {kit}")
 
 
+@consortium_app.command("reissue-kit")
+def consortium_reissue_kit(
+    site: Annotated[str, typer.Argument(help="A provisioned site")],
+    folder: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+    passphrase_file: Annotated[Path | None, typer.Option(
+        help="Seal the kit with the passphrase in this file (first line, 12+ characters)")]
+    = None,
+) -> None:
+    """A new startup kit for a provisioned site, same node key (the pins of the apps
+    signed since, a site certificate for a kit made before there were any); the old kit
+    is kept as kits/<site>.<time>.old-kit."""
+    from common.pki import ProvisioningError
+    from fedrad.consortium import load_consortium, startup_kit
+    from fedrad.kit import check_passphrase
+    from fedrad.site_node import read_passphrase
+
+    try:
+        consortium = load_consortium(folder)
+        passphrase = None
+        if passphrase_file is not None:
+            passphrase = check_passphrase(read_passphrase(passphrase_file) or "")
+        kit = startup_kit(consortium, site, passphrase, reissue=True)
+    except ProvisioningError as exc:
+        raise typer.BadParameter(str(exc), param_hint="SITE") from exc
+    typer.echo(f"new startup kit for {site}: {kit}")
+
+
 @consortium_app.command("export-server")
 def consortium_export_server(
     out: Annotated[Path, typer.Option(help="New folder for the server's copy")],

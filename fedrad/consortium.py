@@ -73,17 +73,23 @@ def load_consortium(folder: Path) -> Consortium:
     return Consortium(folder=folder, tls=tls)
 
 
-def startup_kit(consortium: Consortium, site: str, passphrase: str | None = None) -> Path:
+def startup_kit(consortium: Consortium, site: str, passphrase: str | None = None, *,
+                reissue: bool = False) -> Path:
     """The site's kit (kits/<site>.tar.gz, or <site>.kit sealed with `passphrase`), mode
-    0600, never overwritten."""
+    0600, never overwritten: with `reissue` (a new release's pins, a kit from before
+    site certificates) an existing kit is kept as kits/<site>.<time>.old-kit and a new one
+    made with the same node key."""
     keys = consortium.site_keys(site)
     if not keys.private_key.is_file():
         raise pki.ProvisioningError(f"site {site!r} has no node key; run add-site first")
     kits = consortium.folder / "kits"
     for existing in (kits / f"{site}.tar.gz", kits / f"{site}.kit"):
-        if existing.exists():
+        if existing.exists() and reissue:
+            existing.rename(kits / f"{site}.{time.strftime('%Y%m%dT%H%M%S')}.old-kit")
+        elif existing.exists():
             raise pki.ProvisioningError(f"{existing} already exists; refusing to overwrite "
-                                        "a kit")
+                                        "a kit (`fedrad consortium reissue-kit` keeps it "
+                                        "aside and makes a new one)")
     info = consortium.info
     node_config = (f'site-id = "{site}"\ndata-dir = "/path/to/dicom-export"\n'
                    'work-dir = "/var/lib/fedrad"\nepsilon-budget = 10.0\n')

@@ -136,6 +136,9 @@ def open_kit(path: Path, passphrase: str | None) -> Kit:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
             files = {}
+            missing = sorted(set(MEMBERS) - set(archive.getnames()))
+            if missing:
+                raise KeyError(", ".join(missing))
             for name in MEMBERS:
                 member = archive.getmember(name)
                 handle = archive.extractfile(member) if member.isfile() else None
@@ -143,8 +146,8 @@ def open_kit(path: Path, passphrase: str | None) -> Kit:
                     raise KitError(f"{path}: {name} is not a regular file")
                 files[name] = handle.read()
     except KeyError as exc:
-        raise KitError(f"{path} lacks {exc}; ask the coordinator for a new kit "
-                       "(`fedrad consortium add-site`)") from exc
+        raise KitError(f"{path} lacks {exc.args[0]}; ask the coordinator for a new kit "
+                       "(`fedrad consortium reissue-kit <site>`)") from exc
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise KitError(f"{path} is not a fedrad startup kit (tar.gz): {exc}") from exc
     return Kit(files=files)
