@@ -179,10 +179,12 @@ def mask(node_config: Any, chosen: Plan, quantised: np.ndarray) -> np.ndarray:
     path = _pending(node_config, chosen.run_id)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    publics = b"".join(chosen.roster[n].public_key for n in chosen.participants)
     with os.fdopen(fd, "wb") as handle:
+        # keys as raw uint8 rows: numpy's bytes dtype would drop a key's trailing zeros
         np.savez(handle, quantised=quantised, round=np.array([chosen.server_round]),
                  nodes=np.array(chosen.participants, dtype=np.uint64),
-                 publics=np.array([chosen.roster[n].public_key for n in chosen.participants]),
+                 publics=np.frombuffer(publics, dtype=np.uint8).reshape(-1, 32),
                  names=np.array(json.dumps(chosen.names)))
     os.replace(tmp, path)
     masked = masking.apply_masks(quantised, own_node=chosen.node_id, own=key,
@@ -218,7 +220,7 @@ def recover(node_config: Any, *, run_id: int, node_id: int, server_round: int,
                                            f"{int(cached['round'][0])}")
             quantised = np.array(cached["quantised"], dtype=np.uint32)
             before = [int(n) for n in cached["nodes"]]
-            publics = [bytes(p) for p in cached["publics"]]
+            publics = [bytes(row) for row in np.asarray(cached["publics"], dtype=np.uint8)]
             names = {int(k): v for k, v in json.loads(str(cached["names"])).items()}
         survivors = _node_ids(fields.get("participants"))
         if node_id not in survivors or not set(survivors) < set(before):

@@ -316,3 +316,27 @@ def test_only_the_most_recent_runs_keys_and_cached_updates_stay_on_disk(tmp_path
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.glob("run-*.key"))
     again = secure_sum.run_key(tmp_path, 99)  # the same run: the same key, nothing made
     assert again.private_bytes_raw() == secure_sum.run_key(tmp_path, 99).private_bytes_raw()
+
+
+def test_a_recovery_works_for_keys_that_end_in_a_zero_byte(tmp_path):
+    """One X25519 public key in 256 ends in 0x00. The cached roster once went through
+    numpy's bytes dtype, which drops trailing zeros: such a peer's key came back 31 bytes
+    long and the site failed the recovery (seen in tests/test_multihost.py)."""
+    from client.secure_sum import Plan
+
+    configs = _consortium(tmp_path, 3)
+    roster = _roster(configs)
+    while True:  # a peer key ending in a zero byte
+        zero = X25519PrivateKey.generate()
+        public = zero.public_key().public_bytes(serialization.Encoding.Raw,
+                                                serialization.PublicFormat.Raw)
+        if public.endswith(b"\x00"):
+            break
+    roster[103] = masking.Advert(103, public, roster[103].certificate, b"")
+    chosen = Plan(RUN, 101, 1, roster, {101: "site-1", 102: "site-2", 103: "site-3"},
+                  [101, 102, 103])
+    secure_sum.mask(configs[101], chosen, _quantised(np.zeros(SIZE, np.float32), 10))
+    configs[101]["min-secure-aggregation-sites"] = 2
+    again = secure_sum.recover(configs[101], run_id=RUN, node_id=101, server_round=1,
+                               fields={"participants": [101, 103], "attempt": 1})
+    assert again.shape == (SIZE + 1,)
