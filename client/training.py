@@ -22,11 +22,12 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric, ROCAUCMetric
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.augmentation import Augmenter
 from client.dataset import SiteDataset
 from client.dp_optimizer import FusedDPOptimizer, SitePrivacyEngine, make_private
 from client.patient_sampling import PatientPoissonSampler, collate_or_empty
 from common import keys
-from common.config import Optimizer, RunConfig, Strategy, Task
+from common.config import Optimizer, OptimizerState, RunConfig, Strategy, Task
 from common.models import build_model
 from common.weights import from_arrays, plain_state_dict, to_arrays
 
@@ -111,18 +112,6 @@ def _noise_only_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     optimizer.step()
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Training-only augmentation: per-image contrast (x0.9-1.1) and brightness (+-0.05).
-
-    Geometry is left alone: a flipped chest X-ray is a different anatomy, and masks
-    would need the same transform.
-    """
-    shape = (images.shape[0],) + (1,) * (images.dim() - 1)
-    contrast = 0.9 + 0.2 * torch.rand(shape, generator=generator)
-    brightness = 0.1 * torch.rand(shape, generator=generator) - 0.05
-    return (images * contrast.to(images.device) + brightness.to(images.device)).clamp(0, 1)
-
-
 class _Proximal:
     """FedProx's local term μ/2·||w - w_global||², as a decoupled step after each update:
     w ← w - lr·μ·(w - w_global). It reads no data, so under DP-SGD it is post-processing
@@ -166,6 +155,9 @@ class LocalAlgo:
         self.train_set = self._tensors(dataset, train_idx)
         self.val_set = self._tensors(dataset, val_idx)
         self.model = build_model(config).to(device)
+        # optimizer-state=kept: the local optimiser's moments between this run's rounds
+        # (post-processing of DP gradients; they never leave the site)
+        self.optimizer_state: dict[str, Any] | None = None
 
     @staticmethod
     def _tensors(dataset: SiteDataset, index: np.ndarray) -> TensorDataset:
@@ -198,11 +190,14 @@ class LocalAlgo:
         """
         start = time.perf_counter()
         torch.manual_seed(self.config.seed * 1000 + server_round)
-        generator = torch.Generator().manual_seed(self.config.seed * 1000 + server_round)
+        augmenter = Augmenter(self.config.augment, spatial_dims=self.config.task.spatial_dims,
+                              image_size=self.config.image_size,
+                              seed=self.config.seed * 1000 + server_round)
         loader = DataLoader(self.train_set, batch_size=self.config.batch_size, shuffle=True)
         model = copy.deepcopy(self.model)  # a fresh module per session: no stale DP hooks
         model.train()
         optimizer = self._optimizer(model)
+        plain_optimizer = optimizer
         engine = None
         if noise_multiplier is not None:
             engine = SitePrivacyEngine(accountant="rdp")
@@ -221,8 +216,10 @@ class LocalAlgo:
                     steps += 1
                     continue
                 images, targets = images.to(self.device), targets.to(self.device)
-                if self.config.augment:
-                    images = augment(images, generator)
+                images, masks = augmenter(images, targets if self.config.task.is_segmentation
+                                          else None)
+                if masks is not None:
+                    targets = masks
                 optimizer.zero_grad()
                 loss = self.loss(model(images), targets)
                 loss.backward()
@@ -236,6 +233,8 @@ class LocalAlgo:
             (_, sample_rate, _), = {(s, q, 0) for s, q, _ in engine.accountant.history}
             steps = sum(num for _, _, num in engine.accountant.history)
         self.model.load_state_dict(plain_state_dict(model))
+        if self.config.optimizer_state is OptimizerState.KEPT:
+            self.optimizer_state = copy.deepcopy(plain_optimizer.state_dict())
         return TrainResult(
             loss=float(np.mean(losses)) if losses else float("nan"),
             num_examples=self.num_train,
@@ -263,9 +262,14 @@ class LocalAlgo:
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         lr = self.config.learning_rate
+        optimizer: torch.optim.Optimizer
         if self.config.optimizer is Optimizer.SGD:
-            return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        return torch.optim.Adam(model.parameters(), lr=lr)
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        if self.optimizer_state is not None:  # the moments of this site's previous round
+            optimizer.load_state_dict(self.optimizer_state)
+        return optimizer
 
     @torch.no_grad()
     def predict(self) -> tuple[float, torch.Tensor, torch.Tensor]:

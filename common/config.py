@@ -41,6 +41,14 @@ class Model(enum.StrEnum):
     BASIC_UNET = "basicunet"
     SEGRESNET = "segresnet"
     DENSENET121 = "densenet121"
+    CLASSIFIER = "classifier"  # MONAI Classifier: strided residual units, for 28-64 px
+
+
+class Norm(enum.StrEnum):
+    """The normalisation layers of a segmentation network (DP-SGD allows no BatchNorm)."""
+
+    GROUP = "group"  # GroupNorm, 8 groups
+    INSTANCE = "instance"  # InstanceNorm with affine weights (works on a 1-channel layer)
 
 
 class Optimizer(enum.StrEnum):
@@ -48,6 +56,13 @@ class Optimizer(enum.StrEnum):
 
     ADAM = "adam"
     SGD = "sgd"
+
+
+class OptimizerState(enum.StrEnum):
+    """What the local optimiser remembers from one round to the next at a site."""
+
+    FRESH = "fresh"  # a new optimiser every round (moments start from zero)
+    KEPT = "kept"  # the site keeps its optimiser's moments across the run's rounds
 
 
 class Strategy(enum.StrEnum):
@@ -91,6 +106,29 @@ class DPConfig:
             raise ConfigError(f"dp-delta must be in (0, 1) or 'auto', got {self.delta}")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"dp-max-grad-norm must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-only augmentation: a random affine applied to the image and its mask
+    together (rotation, scale, shift), then intensity (contrast, brightness) on the image."""
+
+    enabled: bool
+    probability: float  # chance that an image gets the affine at all
+    rotation: float  # degrees, uniform in [-rotation, rotation] (each axis in 3D)
+    scale: float  # relative, uniform in [1 - scale, 1 + scale]
+    shift: float  # fraction of the image size, uniform in [-shift, shift] per axis
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.probability <= 1:
+            raise ConfigError(f"augment-probability must be in [0, 1], got {self.probability}")
+        if not 0 <= self.rotation <= 45:
+            raise ConfigError(f"augment-rotation must be in [0, 45] degrees, got "
+                              f"{self.rotation}")
+        if not 0 <= self.scale < 0.5:
+            raise ConfigError(f"augment-scale must be in [0, 0.5), got {self.scale}")
+        if not 0 <= self.shift < 0.5:
+            raise ConfigError(f"augment-shift must be in [0, 0.5), got {self.shift}")
 
 
 @dataclass(frozen=True)
@@ -180,6 +218,8 @@ class RunConfig:
 
     task: Task
     model: Model
+    res_units: int  # unet: residual units per level (0: plain convolutions)
+    norm: Norm  # unet, basicunet, segresnet: normalisation layers
     labels: tuple[str, ...]  # cxr-classify: labels.csv columns, one sigmoid output each
     threshold: float  # operating point for sensitivity/specificity and binary masks
     init_weights: str  # a local state-dict file the server starts from; "" = random init
@@ -191,9 +231,11 @@ class RunConfig:
     batch_size: int
     learning_rate: float
     optimizer: Optimizer
+    optimizer_state: OptimizerState
+    early_stop_patience: int  # stop after this many rounds without a better pooled score; 0 = off
     image_size: int
     voi_window: bool  # intensities through the image's own VOI window, not full range
-    augment: bool  # training-only intensity augmentation
+    augment: AugmentConfig
     val_fraction: float
     seed: int
     round_timeout: float
@@ -219,6 +261,8 @@ class RunConfig:
         config = cls(
             task=get.choice("task", Task),
             model=get.choice("model", Model),
+            res_units=get.integer("unet-res-units", minimum=0),
+            norm=get.choice("norm", Norm),
             labels=get.names("labels"),
             threshold=get.number("threshold"),
             init_weights=get.text("init-weights"),
@@ -230,9 +274,17 @@ class RunConfig:
             batch_size=get.integer("batch-size", minimum=1),
             learning_rate=get.positive("learning-rate"),
             optimizer=get.choice("optimizer", Optimizer),
+            optimizer_state=get.choice("optimizer-state", OptimizerState),
+            early_stop_patience=get.integer("early-stop-patience", minimum=0),
             image_size=get.integer("image-size", minimum=16),
             voi_window=get.boolean("voi-window"),
-            augment=get.boolean("augment"),
+            augment=AugmentConfig(
+                enabled=get.boolean("augment"),
+                probability=get.number("augment-probability"),
+                rotation=get.number("augment-rotation"),
+                scale=get.number("augment-scale"),
+                shift=get.number("augment-shift"),
+            ),
             val_fraction=get.number("val-fraction"),
             seed=get.integer("seed", minimum=0),
             round_timeout=get.positive("round-timeout"),
@@ -276,9 +328,14 @@ class RunConfig:
         if config.task.is_segmentation and config.model not in segmentation_models:
             raise ConfigError(f"model must be one of {sorted(m.value for m in segmentation_models)}"
                               f" for task {config.task.value}, got {config.model.value!r}")
-        if config.task is Task.CXR_CLASSIFY and config.model is not Model.DENSENET121:
-            raise ConfigError(f"model must be 'densenet121' for task cxr-classify, "
-                              f"got {config.model.value!r}")
+        if config.task is Task.CXR_CLASSIFY and config.model not in {Model.DENSENET121,
+                                                                      Model.CLASSIFIER}:
+            raise ConfigError(f"model must be 'densenet121' or 'classifier' for task "
+                              f"cxr-classify, got {config.model.value!r}")
+        if config.res_units and config.model is Model.UNET and config.norm is Norm.GROUP:
+            raise ConfigError("unet-res-units > 0 puts a norm layer on the 1-channel output "
+                              "block, which GroupNorm's 8 groups cannot split; set "
+                              "norm = \"instance\" or unet-res-units = 0")
         if config.task is Task.CXR_CLASSIFY and not config.labels:
             raise ConfigError("labels must name at least one labels.csv column, e.g. "
                               "'label_covid,label_no_finding'")
@@ -374,6 +431,8 @@ def _check_strategy(config: RunConfig) -> None:
 _FLAT: dict[str, tuple[str, ...]] = {
     "task": ("task",),
     "model": ("model",),
+    "unet-res-units": ("res_units",),
+    "norm": ("norm",),
     "labels": ("labels",),
     "threshold": ("threshold",),
     "init-weights": ("init_weights",),
@@ -385,9 +444,15 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "batch-size": ("batch_size",),
     "learning-rate": ("learning_rate",),
     "optimizer": ("optimizer",),
+    "optimizer-state": ("optimizer_state",),
+    "early-stop-patience": ("early_stop_patience",),
     "image-size": ("image_size",),
     "voi-window": ("voi_window",),
-    "augment": ("augment",),
+    "augment": ("augment", "enabled"),
+    "augment-probability": ("augment", "probability"),
+    "augment-rotation": ("augment", "rotation"),
+    "augment-scale": ("augment", "scale"),
+    "augment-shift": ("augment", "shift"),
     "val-fraction": ("val_fraction",),
     "seed": ("seed",),
     "round-timeout": ("round_timeout",),
@@ -421,6 +486,8 @@ _FLAT: dict[str, tuple[str, ...]] = {
 _DEFAULTS: dict[str, Any] = {
     "task": "lung-seg",
     "model": "unet",
+    "unet-res-units": 0,
+    "norm": "group",
     "labels": "label_covid,label_no_finding",
     "threshold": 0.5,
     "init-weights": "",
@@ -432,9 +499,15 @@ _DEFAULTS: dict[str, Any] = {
     "batch-size": 8,
     "learning-rate": 0.003,
     "optimizer": "adam",
+    "optimizer-state": "fresh",
+    "early-stop-patience": 0,
     "image-size": 64,
     "voi-window": False,
     "augment": True,
+    "augment-probability": 0.8,
+    "augment-rotation": 5.0,
+    "augment-scale": 0.05,
+    "augment-shift": 0.05,
     "val-fraction": 0.25,
     "seed": 42,
     "round-timeout": 900.0,

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 from monai.networks.blocks.segresnet_block import ResBlock
-from monai.networks.nets import BasicUNet, DenseNet121, SegResNet, UNet
+from monai.networks.nets import BasicUNet, Classifier, DenseNet121, SegResNet, UNet
 from opacus.validators import ModuleValidator
 
-from common.config import Model, RunConfig
+from common.config import Model, Norm, RunConfig
 
 
 class ModelError(ValueError):
@@ -37,10 +37,12 @@ def architecture(config: RunConfig) -> tuple[type[torch.nn.Module], dict[str, An
     """The MONAI network class and its keyword arguments for `config` (JSON-able: a model
     export describes itself with these, so it loads without fedrad)."""
     dims = config.task.spatial_dims
-    norm = ["group", {"num_groups": 8}]
+    norm: list[Any] = (["instance", {"affine": True}] if config.norm is Norm.INSTANCE
+                       else ["group", {"num_groups": 8}])
     if config.model is Model.UNET:
         return UNet, {"spatial_dims": dims, "in_channels": 1, "out_channels": 1,
-                      "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 0,
+                      "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
+                      "num_res_units": config.res_units,
                       "norm": norm, "act": ["prelu", {"init": 0.25}]}
     if config.model is Model.BASIC_UNET:
         return BasicUNet, {"spatial_dims": dims, "in_channels": 1, "out_channels": 1,
@@ -54,6 +56,11 @@ def architecture(config: RunConfig) -> tuple[type[torch.nn.Module], dict[str, An
                              "out_channels": len(config.labels),
                              "norm": ["group", {"num_groups": 16}],
                              "act": ["relu", {"inplace": False}]}
+    if config.model is Model.CLASSIFIER:  # small inputs (28-64 px): 4 strided res blocks
+        return Classifier, {"in_shape": [1] + [config.image_size] * dims,
+                            "classes": len(config.labels), "channels": [16, 32, 64, 128],
+                            "strides": [2, 2, 2, 2], "num_res_units": 2,
+                            "norm": ["instance", {"affine": True}], "act": "prelu"}
     raise ModelError(f"no model {config.model}")  # pragma: no cover - a closed enum
 
 

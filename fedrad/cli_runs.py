@@ -21,7 +21,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object")]
 VerifyKey = Annotated[Path | None, typer.Option(
     help="The consortium's signing.pub (the kit's); required for an exported folder")]
 RegistryConsortium = Annotated[Path | None, typer.Option(
-    help="The consortium folder, for a registry name RUN[:ROUND]")]
+    help="The consortium folder, for a registry name RUN[:ROUND|:best]")]
 
 
 def _home(consortium: Path, state_dir: Path | None) -> Any:
@@ -178,7 +178,8 @@ def models_list(consortium: Consortium = Path("consortium"), state_dir: StateDir
                 all_rounds: Annotated[bool, typer.Option(help="Every round's checkpoint, "
                                                                "not only the last")] = False,
                 as_json: AsJson = False) -> None:
-    """The global models of every run (RUN:ROUND), newest round of each by default."""
+    """The global models of every run (RUN:ROUND): by default each run's last round and
+    its best (tagged `best`)."""
     from fedrad.model_registry import list_models
 
     models = list_models(_home(consortium, state_dir).root, all_rounds=all_rounds)
@@ -189,11 +190,11 @@ def models_list(consortium: Consortium = Path("consortium"), state_dir: StateDir
         score = "-" if m["pooled_score"] is None else f"{m['pooled_score']:.3f}"
         typer.echo(f"{m['name']:<26} {m['task']:<13} {m['model']:<12} {m['strategy']:<14} "
                    f"rounds {m['rounds']:<7} {m['metric']} {score}  {m['run_status']}  "
-                   f"sha256 {m['sha256']}")
+                   f"sha256 {m['sha256']}" + ("  best" if m["best"] else ""))
 
 
 @models_app.command("show")
-def models_show(name: Annotated[str, typer.Argument(help="RUN or RUN:ROUND")],
+def models_show(name: Annotated[str, typer.Argument(help="RUN, RUN:ROUND or RUN:best")],
                 consortium: Consortium = Path("consortium"),
                 state_dir: StateDir = None) -> None:
     """One model's description: architecture, preprocessing, metrics, ε per site."""
@@ -209,7 +210,7 @@ def models_show(name: Annotated[str, typer.Argument(help="RUN or RUN:ROUND")],
 
 @models_app.command("export")
 def models_export(
-    name: Annotated[str, typer.Argument(help="RUN or RUN:ROUND")],
+    name: Annotated[str, typer.Argument(help="RUN, RUN:ROUND or RUN:best")],
     out: Annotated[Path, typer.Option(help="New folder for model.pt, model.json, model.sig")],
     consortium: Consortium = Path("consortium"),
     state_dir: StateDir = None,
@@ -231,7 +232,7 @@ def models_export(
 
 
 def evaluate_command(
-    model: Annotated[str, typer.Argument(help="An exported model folder, or RUN[:ROUND] of "
+    model: Annotated[str, typer.Argument(help="An exported model folder, or RUN[:ROUND|:best] of "
                                               "the registry (with --consortium)")],
     data: Annotated[list[Path], typer.Option(
         help="A DICOM folder to evaluate on (repeatable: one per site, reported per site "
@@ -285,7 +286,7 @@ def evaluate_command(
 
 
 def predict_command(
-    model: Annotated[str, typer.Argument(help="An exported model folder, or RUN[:ROUND] "
+    model: Annotated[str, typer.Argument(help="An exported model folder, or RUN[:ROUND|:best] "
                                               "(with --consortium)")],
     study: Annotated[Path, typer.Argument(help="One DICOM study folder")],
     out: Annotated[Path, typer.Option(help="Folder for SEG files / results.json / overlays")],

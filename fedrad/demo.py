@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -131,6 +132,9 @@ def run_demo(out: Path, *, data: Path | None, config_file: Path, overrides: dict
             status = follow(home, submitted, say, seen=0, tick=tick or (lambda _: None),
                             timeout=float(values.get("round-timeout", 900.0)) * (total + 1))
             recorded = rows(run_dir)
+            registry = json.loads((run_dir / "registry.json").read_text())
+            if "stopped_early" in registry:  # early-stop-patience: fewer rounds, on purpose
+                total = int(registry["stopped_early"]["after_round"]) + 1
             if status != "finished:completed" or len(recorded) != total:
                 raise DemoFailed(
                     f"run {run_id} ended as {status!r} after {len(recorded)}/{total} rounds; "

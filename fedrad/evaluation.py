@@ -51,7 +51,7 @@ class LoadedModel:
 
 def load_model(source: str, *, server_home: Path | None, verify_key: Path | None
                ) -> LoadedModel:
-    """An exported model folder (its signature checked) or a registry name RUN[:ROUND]."""
+    """An exported model folder (its signature checked) or a registry name RUN[:ROUND|:best]."""
     from common.model_signing import load_verify_key
     from fedrad.model_registry import resolve, verify_export
 
@@ -66,7 +66,7 @@ def load_model(source: str, *, server_home: Path | None, verify_key: Path | None
         flat = description["run_config"]
     else:
         if server_home is None:
-            raise EvaluationError(f"{source!r} is not a folder; a registry name RUN[:ROUND] "
+            raise EvaluationError(f"{source!r} is not a folder; a registry name RUN[:ROUND|:best] "
                                   "needs --consortium (the server's run folders)")
         run, ref = resolve(server_home, source)
         state, name, flat = run.load_checkpoint(ref.server_round), ref.name, \

@@ -1,6 +1,7 @@
 """`fedrad models ...`: the global models every run folder holds, and their export.
 
-A model is named `RUN` (the run's last checkpoint) or `RUN:ROUND`. Export verifies the
+A model is named `RUN` (the run's last checkpoint), `RUN:ROUND`, or `RUN:best` (the round
+with the best pooled validation score, tagged by the ServerApp as the run goes). Export verifies the
 checkpoint against the sha256 in the run's registry.json, decrypts it, and writes:
 
   model.pt     a plain PyTorch state dict (torch.load(..., weights_only=True))
@@ -35,6 +36,7 @@ from common.models import architecture
 from server.registry import RunFolder
 
 FORMAT = "fedrad-model/1"
+BEST = "best"  # RUN:best
 
 
 class ModelRegistryError(LookupError):
@@ -52,20 +54,26 @@ class ModelRef:
 
 
 def resolve(home: Path, name: str) -> tuple[RunFolder, ModelRef]:
-    """`RUN` or `RUN:ROUND` → the run folder and the checkpoint meant."""
+    """`RUN`, `RUN:ROUND` or `RUN:best` → the run folder and the checkpoint meant."""
     run_id, _, round_text = name.partition(":")
     try:
         run = RunFolder.open(home, run_id)
     except LookupError as exc:
         raise ModelRegistryError(str(exc)) from exc
-    rounds = sorted(int(r) for r in run.read_json("registry.json")["checkpoints"])
+    registry = run.read_json("registry.json")
+    rounds = sorted(int(r) for r in registry["checkpoints"])
     if not rounds:
         raise ModelRegistryError(f"run {run_id} has no checkpoint yet")
     if not round_text:
         return run, ModelRef(run_id, rounds[-1])
+    if round_text == BEST:
+        if "best" not in registry:
+            raise ModelRegistryError(f"run {run_id} has no evaluated round yet, so no best "
+                                     f"model; name a round (it has rounds {rounds})")
+        return run, ModelRef(run_id, int(registry["best"]["round"]))
     if not round_text.isdigit() or int(round_text) not in rounds:
         raise ModelRegistryError(f"run {run_id} has no checkpoint for round {round_text!r}; "
-                                 f"it has rounds {rounds}")
+                                 f"it has rounds {rounds} (or name {run_id}:best)")
     return run, ModelRef(run_id, int(round_text))
 
 
@@ -86,6 +94,7 @@ def describe(run: RunFolder, ref: ModelRef) -> dict[str, Any]:
         "run_id": ref.run_id,
         "round": ref.server_round,
         "run_status": registry["status"],
+        "best_round": registry.get("best", {}).get("round"),
         "checkpoint_sha256": registry["checkpoints"][str(ref.server_round)]["sha256"],
         "task": config.task.value,
         "run_config": flat,  # the whole typed config, flat (settings only, no data)
@@ -125,15 +134,19 @@ def list_models(home: Path, *, all_rounds: bool = False) -> list[dict[str, Any]]
         registry = run.read_json("registry.json")
         rounds = sorted(int(r) for r in registry["checkpoints"])
         config = run.read_json("config.json")
-        for server_round in rounds if all_rounds else rounds[-1:]:
+        best = registry.get("best", {}).get("round")
+        shown = rounds if all_rounds else sorted({rounds[-1], best} - {None}) if rounds else []
+        for server_round in shown:
             row = _round_row(run, server_round)
             out.append({
                 "name": f"{run.run_id}:{server_round}", "task": config["task"],
                 "model": config["model"], "strategy": config.get("strategy", "fedavg"),
-                "run_status": registry["status"], "rounds": f"{server_round}/"
+                "run_status": registry["status"],
+        "best_round": registry.get("best", {}).get("round"), "rounds": f"{server_round}/"
                 f"{config['num-rounds']}", "metric": row.get("score_metric", ""),
                 "pooled_score": row.get("pooled_score"),
                 "sha256": registry["checkpoints"][str(server_round)]["sha256"][:16],
+                "best": best == server_round,
             })
     return out
 

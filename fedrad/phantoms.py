@@ -60,25 +60,50 @@ SITE_STYLES = (
 def chest_phantom(rng: np.random.Generator, size: int, nodule: bool) -> tuple[
     np.ndarray, np.ndarray
 ]:
-    """One chest-like image in [0, 1] (brighter = denser) and its lung mask."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    body = ((xx - 0.5) / rng.uniform(0.40, 0.46)) ** 2 + ((yy - 0.52) / 0.47) ** 2 <= 1
-    img = np.where(body, 0.55, 0.05).astype(np.float32)
+    """One chest-like image in [0, 1] (brighter = denser) and its lung mask.
+
+    Anatomy that makes the lung boundary hard to find, as in a real radiograph: a heart
+    shadow over the medial left lung and domed diaphragms below (both cut out of the
+    mask, as manual lung masks do), ribs and clavicles crossing the lung fields, soft
+    tissue, a posed (rotated, shifted, scaled) patient, and per-image exposure (contrast,
+    gamma) and noise.
+    """
+    angle = np.deg2rad(rng.uniform(-6, 6))
+    scale = rng.uniform(0.92, 1.06)
+    shift_y, shift_x = rng.uniform(-0.04, 0.04, 2)
+    grid = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    yy0 = (np.cos(angle) * grid[0] - np.sin(angle) * grid[1]) / scale - shift_y + 0.5
+    xx0 = (np.sin(angle) * grid[0] + np.cos(angle) * grid[1]) / scale - shift_x + 0.5
+    yy, xx = yy0, xx0
+    body = ((xx - 0.5) / rng.uniform(0.40, 0.46)) ** 2 + ((yy - 0.54) / 0.50) ** 2 <= 1
+    img = np.where(body, 0.50, 0.04).astype(np.float32)
+    img += body * 0.12 * np.clip(1 - np.abs(xx - 0.5) / 0.45, 0, 1)  # soft tissue
     lungs = np.zeros((size, size), dtype=bool)
-    cy = rng.uniform(0.42, 0.50)
-    ry = rng.uniform(0.24, 0.30)
+    cy = rng.uniform(0.42, 0.48)
+    ry = rng.uniform(0.25, 0.30)
     for side in (-1, 1):
-        cx = 0.5 + side * rng.uniform(0.16, 0.20)
-        rx = rng.uniform(0.10, 0.14)
+        cx = 0.5 + side * rng.uniform(0.17, 0.21)
+        rx = rng.uniform(0.11, 0.14)
         tilt = side * rng.uniform(0.0, 0.25)
         u = (xx - cx) + tilt * (yy - cy)
-        lungs |= (u / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
-    img[lungs] = 0.18
-    ribs = 0.06 * (np.sin(yy * np.pi * rng.uniform(14, 18) + xx * 3) > 0.6)
-    img += ribs * lungs
+        field = (u / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+        dome = cy + ry * rng.uniform(0.55, 0.75) - 0.10 * ((xx - cx) / rx) ** 2
+        lungs |= field & (yy < dome)  # the diaphragm's dome cuts the lung base
+    img[lungs] = 0.16
+    heart_y, heart_x = rng.uniform(0.55, 0.62), 0.5 + rng.uniform(0.04, 0.08)
+    heart = ((xx - heart_x) / rng.uniform(0.12, 0.16)) ** 2 + \
+        ((yy - heart_y) / rng.uniform(0.10, 0.13)) ** 2 <= 1
+    img[heart & body] = 0.58
+    lungs &= ~heart
+    belly = body & (yy > cy + ry * 0.7) & ~lungs
+    img[belly] = np.maximum(img[belly], 0.62)
+    ribs = (np.sin((yy + 0.35 * (xx - 0.5) ** 2) * np.pi * rng.uniform(14, 18)) > 0.65)
+    img += 0.07 * ribs * body
+    clavicle = np.abs(yy - (0.20 + 0.25 * np.abs(xx - 0.5))) < 0.012
+    img += 0.12 * (clavicle & (np.abs(xx - 0.5) < 0.32))
     spine = np.abs(xx - 0.5) < 0.045
     img[spine & body] = 0.85
-    if nodule:
+    if nodule and lungs.any():
         ys, xs = np.nonzero(lungs)
         pick = rng.integers(len(ys))
         r = rng.uniform(0.02, 0.045) * size
@@ -86,15 +111,16 @@ def chest_phantom(rng: np.random.Generator, size: int, nodule: bool) -> tuple[
             np.arange(size)[None, :] - xs[pick]
         ) ** 2 <= r**2
         img[blob] = 0.62
+    img = np.clip(img * rng.uniform(0.85, 1.15), 0, 1) ** rng.uniform(0.8, 1.25)
     img += rng.normal(0, 0.03, img.shape).astype(np.float32)
-    return np.clip(img, 0, 1), lungs.astype(np.uint8)
+    return np.clip(img, 0, 1).astype(np.float32), lungs.astype(np.uint8)
 
 
 _LAST = ["SMITH", "MUELLER", "ROSSI", "DUBOIS", "NOWAK", "SILVA", "JANSEN", "KOWALSKI"]
 _FIRST = ["ANNA", "JOHN", "MARIA", "PIOTR", "LUCA", "EMMA", "NOAH", "SOFIA"]
 
 
-def _image_dataset(style: SiteStyle, rng: np.random.Generator, patient: dict[str, str],
+def image_dataset(style: SiteStyle, rng: np.random.Generator, patient: dict[str, str],
                    pixels01: np.ndarray, study_uid: str, number: int):  # noqa: ANN202
     from pydicom.dataset import Dataset
 
@@ -187,7 +213,7 @@ def _segmentation(image, mask: np.ndarray, number: int):  # noqa: ANN001, ANN202
     return seg
 
 
-def _paths(style: SiteStyle, root: Path, image, seq: int) -> tuple[Path, Path]:  # noqa: ANN001
+def export_paths(style: SiteStyle, root: Path, image, seq: int) -> tuple[Path, Path]:  # noqa: ANN001
     if style.layout == "nested":
         folder = root / str(image.PatientID) / image.StudyInstanceUID / image.SeriesInstanceUID
         return folder / f"IM{seq:04d}.dcm", root / "seg" / f"SG{seq:04d}.dcm"
@@ -220,8 +246,8 @@ def write_site(root: Path, style: SiteStyle, *, patients: int, images_per_patien
             seq += 1
             nodule = bool(rng.random() < nodule_rate)
             pixels, mask = chest_phantom(rng, size, nodule)
-            image = _image_dataset(style, rng, patient, pixels, study_uid, seq)
-            image_path, seg_path = _paths(style, root, image, seq)
+            image = image_dataset(style, rng, patient, pixels, study_uid, seq)
+            image_path, seg_path = export_paths(style, root, image, seq)
             image_path.parent.mkdir(parents=True, exist_ok=True)
             image.save_as(image_path, enforce_file_format=True)
             seg = _segmentation(image, mask, seq)

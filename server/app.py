@@ -210,8 +210,11 @@ def main(grid: Grid, context: Context) -> None:
     k = config.faults.min_train_sites
     last_end = 0.0  # when the previous round ended (perf_counter)
     roster = Roster(int(context.run_id)) if config.secagg.enabled else None
-    awaiting: Callable[[Replies], None] | None = None  # a round whose evaluation is out
+    awaiting: Callable[..., None] | None = None  # a round whose evaluation is out
+    pending: tuple[int, int, list[int]] = (0, 0, [])  # its round, exchanges, sites alive
     refused: set[int] = set()  # sites that refused this run (budget, policy): not asked again
+    patience = config.early_stop_patience
+    stop_after: int | None = None  # set when `patience` rounds brought no better model
 
     def end_round(server_round: int, start: float, node_ids: list[int], train: Replies,
                   counted: int, step_norm: float, round_global: list[np.ndarray],
@@ -221,7 +224,7 @@ def main(grid: Grid, context: Context) -> None:
         any) is in. Its wall time runs from its start, or from the previous round's end
         if that came later, to its end: its aggregate (`ended`) when its evaluation rode
         on the next round's exchange, else now. What the round added to the run."""
-        nonlocal last_end
+        nonlocal last_end, stop_after
         _name_unregistered(names, registered, evaluation.site_ids)
         now = time.perf_counter() if ended is None else ended
         wall, last_end = now - max(start, last_end), now
@@ -247,6 +250,15 @@ def main(grid: Grid, context: Context) -> None:
         )
         run.record_round(record)
         run.save_checkpoint(server_round, from_arrays(template, unpack(round_global, layout)))
+        best_round = run.tag_best(server_round, record.score_metric, record.pooled_score)
+        # (round r is recorded once round r+1 has trained: stopping pays off before the last)
+        if patience and best_round and server_round - best_round >= patience and \
+                server_round < config.num_rounds - 1:
+            stop_after = server_round
+            run.stopped_early(server_round, best_round, patience)
+            LOG.info("round %d: no better pooled %s than round %d's in %d round(s) "
+                     "(early-stop-patience); the run stops", server_round,
+                     record.score_metric, best_round, patience)
         server_state = {key: torch.from_numpy(np.ascontiguousarray(value))
                         for key, value in aggregator.state().items()}
         if central is not None:
@@ -269,6 +281,8 @@ def main(grid: Grid, context: Context) -> None:
         if state.first_round == 1:
             wait_for_nodes(grid, config.min_sites, config.round_timeout)
         for server_round in range(state.first_round, config.num_rounds + 1):
+            if stop_after is not None:
+                break
             start = time.perf_counter()
             if not config.dp.enabled:
                 LOG.warning("round %d: differential privacy is OFF (dp-enabled=false)",
@@ -331,6 +345,7 @@ def main(grid: Grid, context: Context) -> None:
                 if server_round < config.num_rounds:  # carried by the next request
                     awaiting = partial(end, exchanges=train.exchanges,
                                        ended=time.perf_counter())
+                    pending = (server_round, train.exchanges, alive)
                 else:  # the last round adds an evaluation-only exchange
                     end(evaluate_round(grid, config, server_round=server_round,
                                        global_arrays=global_arrays, node_ids=alive,
@@ -344,6 +359,15 @@ def main(grid: Grid, context: Context) -> None:
             # stages) are reference cycles: free them now, not at some later full
             # collection, so a round's model copies never pile up across rounds.
             gc.collect()
+        if awaiting is not None:  # stopped early: the evaluation no request will carry
+            pending_round, exchanges, alive = pending
+            awaiting(evaluate_round(grid, config, server_round=pending_round,
+                                    global_arrays=global_arrays, node_ids=alive,
+                                    signature=sign_model(signer, global_arrays,
+                                                         context.run_id, pending_round,
+                                                         "evaluate")),
+                     exchanges=exchanges + 1, ended=None)
+            awaiting = None
         run.finish("completed")
     except Exception:
         try:  # a round whose evaluation was still out is recorded without it

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.audit import AuditLog, digest
@@ -205,6 +206,32 @@ class RunFolder:
         self.audit.append("checkpoint-saved", run_id=self.run_id, round=server_round,
                           file=path.name, sha256=sha, bytes=size)
         return sha
+
+    def tag_best(self, server_round: int, metric: str, score: float) -> int:
+        """Tag `server_round` as the run's best model if its pooled validation `metric`
+        (higher is better: Dice, AUROC) beats the best so far; the best round after it.
+        Call after the round's checkpoint is saved: the tag names a checkpoint."""
+        registry = self.read_json("registry.json")
+        if str(server_round) not in registry["checkpoints"]:
+            raise RunFolderError(f"run {self.run_id}: round {server_round} has no checkpoint "
+                                 "to tag as best")
+        best = registry.get("best")
+        if np.isfinite(score) and (best is None or score > best["score"]):
+            best = {"round": server_round, "metric": metric, "score": score}
+            registry["best"] = best
+            _write_json(self.root / "registry.json", registry)
+            self.audit.append("best-round", run_id=self.run_id, round=server_round,
+                              metric=metric, score=score)
+        return 0 if best is None else int(best["round"])
+
+    def stopped_early(self, after_round: int, best_round: int, patience: int) -> None:
+        """Record that the run stopped before num-rounds: no better model in `patience`."""
+        registry = self.read_json("registry.json")
+        registry["stopped_early"] = {"after_round": after_round, "best_round": best_round,
+                                     "patience": patience}
+        _write_json(self.root / "registry.json", registry)
+        self.audit.append("run-stopped-early", run_id=self.run_id, after_round=after_round,
+                          best_round=best_round, patience=patience)
 
     def save_server_state(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
         """The strategy's and central DP's state after a round (encrypted like the model),

@@ -27,6 +27,10 @@ CASES = {  # id: run config, input shape (one sample), target shape (one sample)
     "segresnet-3d": ({"task": "volume-seg", "model": "segresnet"}, (1, 16, 16, 16),
                      (1, 16, 16, 16)),
     "densenet121": ({"task": "cxr-classify", "model": "densenet121"}, (1, 32, 32), (2,)),
+    "unet-res-instance": ({"task": "lung-seg", "model": "unet", "unet-res-units": 2,
+                           "norm": "instance"}, (1, 32, 32), (1, 32, 32)),
+    "classifier": ({"task": "cxr-classify", "model": "classifier", "image-size": 32},
+                   (1, 32, 32), (2,)),
 }
 
 
@@ -73,13 +77,15 @@ def test_segresnet_without_our_fix_is_refused() -> None:
 def test_models_refused_for_the_wrong_task() -> None:
     from common.config import ConfigError
 
-    with pytest.raises(ConfigError, match="model must be 'densenet121' for task cxr-classify"):
+    with pytest.raises(ConfigError,
+                       match="model must be 'densenet121' or 'classifier' for task cxr-class"):
         RunConfig.from_mapping({"task": "cxr-classify", "model": "unet"})
     with pytest.raises(ConfigError, match="for task lung-seg"):
         RunConfig.from_mapping({"task": "lung-seg", "model": "densenet121"})
 
 
-@pytest.mark.parametrize("case", ["unet-2d", "segresnet-2d", "densenet121"])
+@pytest.mark.parametrize("case", ["unet-2d", "segresnet-2d", "densenet121",
+                                  "unet-res-instance", "classifier"])
 def test_no_noise_and_no_clipping_equals_plain_training(case) -> None:
     """Step for step, same seed, same batches: the DP machinery adds nothing but DP."""
     config, data, loss_fn = _data(case, 12, seed=1)

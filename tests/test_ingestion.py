@@ -14,7 +14,7 @@ from client.dataset import DataSpec, load_site_dataset
 from client.dicom_scan import SEG_STORAGE, scan_folder
 from client.pixels import projection_image
 from client.site_check import check_site
-from fedrad.phantoms import SITE_STYLES, _image_dataset
+from fedrad.phantoms import SITE_STYLES, image_dataset
 
 REAL_SITES = {  # site: (images, lung SEGs), from ../shared/data/README.md
     "radiopaedia": (114, 67),
@@ -29,7 +29,7 @@ def test_pixels_round_trip_every_site_style(style, tmp_path) -> None:
     truth = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     patient = {"name": "A^B^ZZCANARY", "id": "CANARY-X", "birth": "19600101", "sex": "F",
                "study_date": "20240101"}
-    ds = _image_dataset(style, np.random.default_rng(0), patient, truth, "1.2.3", 1)
+    ds = image_dataset(style, np.random.default_rng(0), patient, truth, "1.2.3", 1)
     ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
     decoded = projection_image(tmp_path / "x.dcm")
     top = 2**style.bits_stored - 1
@@ -215,7 +215,7 @@ def test_voi_window_when_the_task_asks_for_it(tmp_path) -> None:
     truth = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     patient = {"name": "A^B^ZZCANARY", "id": "CANARY-X", "birth": "19600101", "sex": "F",
                "study_date": "20240101"}
-    ds = _image_dataset(style, np.random.default_rng(0), patient, truth, "1.2.3", 1)
+    ds = image_dataset(style, np.random.default_rng(0), patient, truth, "1.2.3", 1)
     ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
     ds = pydicom.dcmread(tmp_path / "x.dcm")
     ds.WindowCenter, ds.WindowWidth = 1024, 1024  # stored values 512..1535 span the window
@@ -241,7 +241,7 @@ def test_seg_with_other_geometry_is_refused(phantom_sites, tmp_path) -> None:
     referenced = pydicom.dcmread(seg, stop_before_pixels=True)
     uid = referenced.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0] \
         .ReferencedSOPInstanceUID
-    small = _image_dataset(SITE_STYLES[2], np.random.default_rng(1),
+    small = image_dataset(SITE_STYLES[2], np.random.default_rng(1),
                            {"name": "A^B^ZZCANARY", "id": "CANARY-Y", "birth": "19600101",
                             "sex": "M", "study_date": "20240101"},
                            np.zeros((64, 64), np.float32), "1.2.3", 1)
