@@ -7,6 +7,11 @@ one optimiser throughout, and scored after every epoch on the sites' validation 
 
 Usage: python bench/pooled_baseline.py [--config configs/cxr-lung-seg.toml]
            [--data ../shared/data/cxr] [--epochs N] [--seeds 1,2] [--set KEY=VALUE ...]
+           [--run-dir <server home>/runs/RUN]
+
+--run-dir records the mean of the seeds' best scores in that run's registry.json, so its
+report and `fedrad evaluate` state the run's ratio to it (a consortium can do this only
+where the data may be pooled: generated or public data, a benchmark).
 
 Prints `pooled_best=<score> best_epoch=<n> seconds=<s>` per seed (the headline metric:
 Dice, or macro AUROC), then `pooled_best_range=<min>-<max>` over the seeds.
@@ -26,6 +31,7 @@ from common import keys
 from common.config import RunConfig
 from fedrad.in_memory import load_sites, train_pooled
 from fedrad.runs import load_run_config
+from server.registry import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 NO_PRIVACY = {"dp-enabled": False, "secagg-enabled": False}
@@ -57,6 +63,7 @@ def main() -> None:
                         help="default: the config's num-rounds x local-epochs")
     parser.add_argument("--seeds", default="1,2")
     parser.add_argument("--set", action="append", default=[], dest="sets")
+    parser.add_argument("--run-dir", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
     bests = []
@@ -71,6 +78,11 @@ def main() -> None:
                   f"epochs={epochs} metric={keys.headline_metric(config.task)} "
                   f"seconds={curve.seconds:.0f}", flush=True)
     print(f"pooled_best_range={min(bests):.4f}-{max(bests):.4f}")
+    if args.run_dir is not None:
+        RunFolder(args.run_dir.resolve()).record_pooled_baseline(
+            keys.headline_metric(config.task), sum(bests) / len(bests),
+            f"bench/pooled_baseline.py, {epochs} epochs, seeds {args.seeds}")
+        print(f"recorded in {args.run_dir / 'registry.json'}")
 
 
 if __name__ == "__main__":

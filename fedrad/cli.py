@@ -275,7 +275,7 @@ def demo(
         "with --data)"
     )] = None,
     rounds: Annotated[int | None, typer.Option(help="Override num-rounds")] = None,
-    patients: Annotated[int, typer.Option(help="Patients per generated hospital")] = 24,
+    patients: Annotated[int, typer.Option(help="Patients per generated hospital")] = 100,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a run-config key, e.g. --set central-dp-enabled=true "
         "(repeatable; values in TOML syntax, bare words are strings)")] = None,
@@ -305,6 +305,11 @@ def demo(
         console.print(f"[red]demo failed:[/red] {exc}")
         raise typer.Exit(1) from exc
     console.print(f"[green]done[/green] in {result.seconds:.0f}s; run folder {result.run_dir}")
+    best = json.loads((result.run_dir / "registry.json").read_text()).get("best")
+    if best:
+        console.print(f"best model: {result.run_id}:best = round {best['round']}, pooled "
+                      f"{best['metric']} {best['score']:.3f} (fedrad models export "
+                      f"{result.run_id}:best --consortium {result.out / 'consortium'} ...)")
     console.print(f"report: {result.report}")
 
 

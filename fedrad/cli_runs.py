@@ -273,6 +273,11 @@ def evaluate_command(
         typer.echo(json.dumps(result))
         return
     typer.echo(f"model {result['model']} ({result['task']}) on {result['n_images']} images")
+    baseline = result["pooled_baseline"]
+    if baseline:
+        typer.echo(f"  in its run: pooled validation {baseline['metric']} "
+                   f"{baseline['validation_score']:.3f} = {baseline['ratio']:.3f} x the pooled "
+                   f"baseline's {baseline['score']:.3f} ({baseline['source']})")
     for site, values in result["per_site"].items():
         if "auroc" in values:
             cells = ", ".join(f"{label} {v:.3f} [{values['auroc_ci'][label][0]:.3f}, "
@@ -322,12 +327,13 @@ def predict_command(
 
 
 def report_command(
-    run_id: RunId,
+    run_id: Annotated[str, typer.Argument(
+        help="The run id; RUN:best or RUN:ROUND picks the model --data sections show")],
     out: Annotated[Path | None, typer.Option(help="The HTML file to write (default "
                                                   "report-<RUN>.html here)")] = None,
     data: Annotated[list[Path] | None, typer.Option(
         help="Local DICOM folder(s): add ROC/reliability or Dice plots and Grad-CAM "
-        "overlays of the run's final model on them (repeatable)")] = None,
+        "overlays of the run's last model (or RUN:best's) on them (repeatable)")] = None,
     consortium: Consortium = Path("consortium"),
     state_dir: StateDir = None,
     labels_file: Annotated[Path | None, typer.Option(
@@ -345,7 +351,7 @@ def report_command(
 
     errors: tuple[type[Exception], ...] = (*_errors(), EvaluationError, DatasetError, OSError,
                                            LookupError)
-    target = out or Path(f"report-{run_id}.html")
+    target = out or Path(f"report-{run_id.replace(':', '-')}.html")
     try:
         with tempfile.TemporaryDirectory(prefix="fedrad-report-") as scratch:
             path = write_run_report(_home(consortium, state_dir).root, run_id,

@@ -47,6 +47,17 @@ class LoadedModel:
     name: str
     config: RunConfig
     module: torch.nn.Module
+    # what the run recorded: this round's pooled validation score, and the pooled
+    # (centralised) baseline of the same sites, when one was recorded for the run
+    validation_score: float | None = None
+    baseline: dict[str, Any] | None = None
+
+    def baseline_ratio(self) -> dict[str, Any] | None:
+        """The run's pooled validation score of this model over the pooled baseline's."""
+        if not self.baseline or self.validation_score is None:
+            return None
+        return {**self.baseline, "validation_score": self.validation_score,
+                "ratio": self.validation_score / self.baseline["score"]}
 
 
 def load_model(source: str, *, server_home: Path | None, verify_key: Path | None
@@ -64,6 +75,8 @@ def load_model(source: str, *, server_home: Path | None, verify_key: Path | None
         state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
         name = str(description["name"])
         flat = description["run_config"]
+        score = description["metrics"].get("pooled_score")
+        baseline = description.get("pooled_baseline")
     else:
         if server_home is None:
             raise EvaluationError(f"{source!r} is not a folder; a registry name RUN[:ROUND|:best] "
@@ -71,10 +84,14 @@ def load_model(source: str, *, server_home: Path | None, verify_key: Path | None
         run, ref = resolve(server_home, source)
         state, name, flat = run.load_checkpoint(ref.server_round), ref.name, \
             run.read_json("config.json")
+        row = next((r for r in run.rounds() if r["server_round"] == ref.server_round), {})
+        score = row.get("pooled_score")
+        baseline = run.read_json("registry.json").get("pooled_baseline")
     config = RunConfig.from_mapping(flat)
     module = build_model(config)
     module.load_state_dict(state)
-    return LoadedModel(name, config, module.eval())
+    finite = score if isinstance(score, float) and math.isfinite(score) else None
+    return LoadedModel(name, config, module.eval(), finite, baseline)
 
 
 def load_data(config: RunConfig, data: Path, work_dir: Path, labels_file: Path | None
@@ -200,7 +217,7 @@ def evaluate(model: LoadedModel, sites: dict[str, SiteDataset]) -> dict[str, Any
     rows = {"pooled": pooled, **sites} if len(sites) > 1 else {"pooled": pooled}
     out: dict[str, Any] = {"model": model.name, "task": model.config.task.value,
                            "n_images": int(len(pooled.images)), "per_site": {},
-                           "_arrays": {}}
+                           "_arrays": {}, "pooled_baseline": model.baseline_ratio()}
     for name, data in rows.items():
         if len(data.images) == 0:
             raise EvaluationError(f"{name}: no usable image for task {model.config.task.value}")
@@ -216,7 +233,7 @@ def evaluate(model: LoadedModel, sites: dict[str, SiteDataset]) -> dict[str, Any
     if len(sites) == 1:
         out["per_site"][next(iter(sites))] = {k: v for k, v in out.items()
                                               if k not in {"per_site", "_arrays", "model",
-                                                           "task"}}
+                                                           "task", "pooled_baseline"}}
     return out
 
 

@@ -95,6 +95,7 @@ def describe(run: RunFolder, ref: ModelRef) -> dict[str, Any]:
         "round": ref.server_round,
         "run_status": registry["status"],
         "best_round": registry.get("best", {}).get("round"),
+        "pooled_baseline": registry.get("pooled_baseline"),
         "checkpoint_sha256": registry["checkpoints"][str(ref.server_round)]["sha256"],
         "task": config.task.value,
         "run_config": flat,  # the whole typed config, flat (settings only, no data)
@@ -142,7 +143,8 @@ def list_models(home: Path, *, all_rounds: bool = False) -> list[dict[str, Any]]
                 "name": f"{run.run_id}:{server_round}", "task": config["task"],
                 "model": config["model"], "strategy": config.get("strategy", "fedavg"),
                 "run_status": registry["status"],
-        "best_round": registry.get("best", {}).get("round"), "rounds": f"{server_round}/"
+        "best_round": registry.get("best", {}).get("round"),
+        "pooled_baseline": registry.get("pooled_baseline"), "rounds": f"{server_round}/"
                 f"{config['num-rounds']}", "metric": row.get("score_metric", ""),
                 "pooled_score": row.get("pooled_score"),
                 "sha256": registry["checkpoints"][str(server_round)]["sha256"][:16],

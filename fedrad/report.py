@@ -148,8 +148,9 @@ def _num(value: float | None) -> str:
 
 def write_run_report(server_home: Path, run_id: str, *, data: list[Path], out: Path,
                      work_dir: Path, labels_file: Path | None) -> Path:
-    """The run's report at `out`, with local-data sections when `data` is given."""
-    run = RunFolder.open(server_home, run_id)
+    """The run's report at `out`, with local-data sections when `data` is given: of the
+    model `run_id` names (RUN: the last round; RUN:ROUND or RUN:best)."""
+    run = RunFolder.open(server_home, run_id.partition(":")[0])
     extra: list[str] = []
     if data:
         model = load_model(run_id, server_home=server_home, verify_key=None)

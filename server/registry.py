@@ -224,6 +224,13 @@ class RunFolder:
                               metric=metric, score=score)
         return 0 if best is None else int(best["round"])
 
+    def record_pooled_baseline(self, metric: str, score: float, source: str) -> None:
+        """What pooling the same sites' training patients reached (bench/pooled_baseline.py
+        --run-dir), so reports and `fedrad evaluate` state the run's ratio to it."""
+        registry = self.read_json("registry.json")
+        registry["pooled_baseline"] = {"metric": metric, "score": score, "source": source}
+        _write_json(self.root / "registry.json", registry)
+
     def stopped_early(self, after_round: int, best_round: int, patience: int) -> None:
         """Record that the run stopped before num-rounds: no better model in `patience`."""
         registry = self.read_json("registry.json")

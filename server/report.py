@@ -119,6 +119,25 @@ def charts(run: RunFolder) -> dict[str, tuple[str, bytes]]:
     return out
 
 
+def best_model_lines(registry: dict[str, Any]) -> list[str]:
+    """The run's best round (RUN:best), early stop, and its ratio to a pooled baseline."""
+    best = registry.get("best")
+    if not best:
+        return ["<p>No evaluated round yet, so no best model.</p>"]
+    run_id = html.escape(str(registry.get("run_id", "?")))
+    text = (f"<p>Best model: <b>{run_id}:best</b> = round {best['round']}, pooled "
+            f"{html.escape(best['metric'])} {best['score']:.3f}")
+    baseline = registry.get("pooled_baseline")
+    if baseline and baseline.get("metric") == best["metric"]:
+        text += (f"; {best['score'] / baseline['score']:.3f} of the pooled baseline "
+                 f"({baseline['score']:.3f}, {html.escape(str(baseline.get('source', '')))})")
+    stopped = registry.get("stopped_early")
+    if stopped:
+        text += (f". Stopped early after round {stopped['after_round'] + 1}: no better "
+                 f"model in {stopped['patience']} round(s) (early-stop-patience)")
+    return [text + ".</p>"]
+
+
 def run_sections(run: RunFolder) -> list[str]:
     """The HTML body of a run's report, from its run folder alone."""
     rounds = run.rounds()
@@ -130,8 +149,9 @@ def run_sections(run: RunFolder) -> list[str]:
         f"<p>Status: <b>{html.escape(str(registry.get('status', '?')))}</b>; "
         f"{len(rounds)} of {html.escape(str(config.get('num-rounds', '?')))} rounds recorded; "
         f"strategy {html.escape(str(config.get('strategy', 'fedavg')))}.</p>",
-        "<h2>Learning curves, participation, privacy</h2>",
     ]
+    parts += best_model_lines(registry)
+    parts.append("<h2>Learning curves, participation, privacy</h2>")
     parts += [f"<figure>{img_tag(png, caption)}<figcaption>{html.escape(caption)}"
               "</figcaption></figure>" for caption, png in charts(run).values()]
     if rounds:

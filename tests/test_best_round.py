@@ -12,8 +12,10 @@ import torch
 from flwr.app import Message, MetricRecord
 
 from common import keys
+from fedrad.evaluation import load_model
 from fedrad.model_registry import ModelRegistryError, describe, export, resolve
 from server.registry import RunFolder
+from server.report import write_report
 from tests.inprocess import (
     BASELINE_POLICY,
     InProcessGrid,
@@ -84,6 +86,20 @@ def test_the_best_round_not_the_last_is_what_run_best_exports(
     assert any(not torch.equal(exported[n], last[n]) for n in last)  # not the last model
     assert describe(run, resolve(home, "1:5")[1])["best_round"] == 2
     assert not run.read_json("registry.json").get("stopped_early")
+
+
+def test_evaluate_and_the_report_state_the_ratio_to_a_recorded_pooled_baseline(
+        tmp_path, phantom_sites, monkeypatch) -> None:
+    home, run, _ = _run(tmp_path, phantom_sites, monkeypatch, {"num-rounds": 3})
+    assert load_model("1:best", server_home=home, verify_key=None).baseline_ratio() is None
+    assert "of the pooled baseline" not in write_report(run).read_text()
+    run.record_pooled_baseline(keys.EVAL_DICE, 0.9, "bench/pooled_baseline.py")
+    ratio = load_model("1:best", server_home=home, verify_key=None).baseline_ratio()
+    assert ratio is not None and ratio["ratio"] == pytest.approx(0.8 / 0.9)
+    last = load_model("1:3", server_home=home, verify_key=None).baseline_ratio()
+    assert last is not None and last["ratio"] == pytest.approx(0.55 / 0.9)
+    text = write_report(run).read_text()
+    assert "1:best</b> = round 2" in text and "0.889 of the pooled baseline" in text
 
 
 def test_early_stopping_ends_the_run_once_patience_rounds_bring_nothing_better(
