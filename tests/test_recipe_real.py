@@ -4,9 +4,10 @@ the server's FedAvg), without DP: the deliberate no-DP baseline a site's policy 
 allow. bench/recipe_quality.py runs all 40 rounds against the pooled baseline.
 
 Measured on 2026-12-01 (this machine, seed 42, 5 rounds x 2 local epochs): the recipe
-reaches pooled validation Dice 0.885; the recipe shipped before it (plain UNet, lr 0.01,
-a fresh Adam each round, intensity-only augmentation) reached RECIPE_BEFORE in the same
-rounds. The threshold leaves a margin for the machine's thread scheduling and seeds.
+reaches pooled validation Dice 0.885 (0.532, 0.547, 0.711, 0.852, 0.885 by round); the
+recipe shipped before it (plain GroupNorm UNet, lr 0.01, a fresh Adam each round,
+intensity-only augmentation) reached 0.792 in the same rounds (0.643 ... 0.792). The
+threshold sits between the two: above the old recipe, with a margin for the machine.
 """
 
 from __future__ import annotations
@@ -31,5 +32,5 @@ def test_the_shipped_recipe_learns_the_real_lungs_in_five_rounds(cxr_root, tmp_p
     sites = load_sites(config, cxr_root, tmp_path)
     curve = train_federated(config, sites)
     print(f"pooled validation Dice per round: {[round(s, 3) for s in curve.scores]}")
-    assert curve.best > 0.80
+    assert curve.best > 0.84
     assert curve.scores[-1] > curve.scores[0] + 0.1  # it learned, not started there
