@@ -28,7 +28,7 @@ from client.dp_optimizer import FusedDPOptimizer, SitePrivacyEngine, make_privat
 from client.patient_sampling import PatientPoissonSampler, collate_or_empty
 from common import keys
 from common.config import Optimizer, OptimizerState, RunConfig, Strategy, Task
-from common.models import build_model
+from common.models import build_model, freeze_except
 from common.weights import from_arrays, plain_state_dict, to_arrays
 
 LOG = logging.getLogger("fedrad.client")
@@ -195,6 +195,7 @@ class LocalAlgo:
                               seed=self.config.seed * 1000 + server_round)
         loader = DataLoader(self.train_set, batch_size=self.config.batch_size, shuffle=True)
         model = copy.deepcopy(self.model)  # a fresh module per session: no stale DP hooks
+        freeze_except(model, self.config.dp.trainable)  # dp-trainable: the rest stays as sent
         model.train()
         optimizer = self._optimizer(model)
         plain_optimizer = optimizer
@@ -262,11 +263,12 @@ class LocalAlgo:
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         lr = self.config.learning_rate
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer: torch.optim.Optimizer
         if self.config.optimizer is Optimizer.SGD:
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
         else:
-            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+            optimizer = torch.optim.Adam(params, lr=lr)
         if self.optimizer_state is not None:  # the moments of this site's previous round
             optimizer.load_state_dict(self.optimizer_state)
         return optimizer

@@ -88,6 +88,16 @@ class UpdateDType(enum.StrEnum):
     FLOAT16 = "float16"  # half the bytes; the server averages in float32
 
 
+class Trainable(enum.StrEnum):
+    """Which parameters a site trains (and DP-SGD clips and noises); the rest stay
+    bit-identical to the global model the site received (a prior's features)."""
+
+    ALL = "all"
+    NORM_BIAS = "norm-bias"  # normalisation weights and every bias (BiTFiT)
+    HEAD = "head"  # the network's last layer
+    NORM_BIAS_HEAD = "norm-bias-head"
+
+
 @dataclass(frozen=True)
 class DPConfig:
     """Differential privacy (Opacus DP-SGD) settings of a run."""
@@ -96,6 +106,7 @@ class DPConfig:
     target_epsilon: float
     delta: float | None  # None: chosen per site below 1/N
     max_grad_norm: float
+    trainable: Trainable  # what local training updates, with or without DP
 
     def __post_init__(self) -> None:
         if not self.enabled:
@@ -308,6 +319,7 @@ class RunConfig:
                 target_epsilon=get.number("dp-target-epsilon"),
                 delta=delta,
                 max_grad_norm=get.number("dp-max-grad-norm"),
+                trainable=get.choice("dp-trainable", Trainable),
             ),
             central_dp=CentralDPConfig(
                 enabled=get.boolean("central-dp-enabled"),
@@ -471,6 +483,7 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "dp-target-epsilon": ("dp", "target_epsilon"),
     "dp-delta": ("dp", "delta"),
     "dp-max-grad-norm": ("dp", "max_grad_norm"),
+    "dp-trainable": ("dp", "trainable"),
     "central-dp-enabled": ("central_dp", "enabled"),
     "central-dp-noise-multiplier": ("central_dp", "noise_multiplier"),
     "central-dp-clipping-norm": ("central_dp", "clipping_norm"),
@@ -526,6 +539,7 @@ _DEFAULTS: dict[str, Any] = {
     "dp-target-epsilon": 8.0,
     "dp-delta": "auto",
     "dp-max-grad-norm": 1.0,
+    "dp-trainable": "all",
     "central-dp-enabled": False,
     "central-dp-noise-multiplier": 1.0,
     "central-dp-clipping-norm": 1.0,

@@ -7,6 +7,8 @@ module output modified in place), checked with Opacus' ModuleValidator.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from monai.networks.blocks.segresnet_block import ResBlock
 from monai.networks.nets import BasicUNet, Classifier, DenseNet121, SegResNet, UNet
 from opacus.validators import ModuleValidator
 
-from common.config import Model, Norm, RunConfig
+from common.config import Model, Norm, RunConfig, Trainable
 
 
 class ModelError(ValueError):
@@ -75,6 +77,67 @@ def build_model(config: RunConfig) -> torch.nn.Module:
                 module.__class__ = _ResBlockWithoutInplaceAdd
     check_dp_compatible(model)
     return model
+
+
+_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.instancenorm._InstanceNorm,
+          torch.nn.modules.batchnorm._BatchNorm)
+
+
+def trainable_names(model: torch.nn.Module, which: Trainable) -> list[str]:
+    """Names of the parameters `which` trains: all; normalisation weights and biases;
+    the last layer (the last module with its own parameters); or both of the latter."""
+    names = [name for name, _ in model.named_parameters()]
+    if which is Trainable.ALL:
+        return names
+    chosen: set[str] = set()
+    if which in {Trainable.NORM_BIAS, Trainable.NORM_BIAS_HEAD}:
+        for prefix, module in model.named_modules():
+            if isinstance(module, _NORMS):
+                chosen |= {f"{prefix}.{n}" if prefix else n
+                           for n, _ in module.named_parameters(recurse=False)}
+        chosen |= {name for name in names if name.endswith(".bias") or name == "bias"}
+    if which in {Trainable.HEAD, Trainable.NORM_BIAS_HEAD}:
+        owners = [prefix for prefix, module in model.named_modules()
+                  if any(True for _ in module.parameters(recurse=False))]
+        head = owners[-1]
+        chosen |= {f"{head}.{n}" if head else n
+                   for n, _ in model.get_submodule(head).named_parameters(recurse=False)}
+    return [name for name in names if name in chosen]
+
+
+def freeze_except(model: torch.nn.Module, which: Trainable) -> None:
+    """requires_grad only on the parameters `which` trains (no gradient, clipping, noise
+    or optimiser step reaches the others)."""
+    keep = set(trainable_names(model, which))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+
+
+def provenance_path(weights: Path) -> Path:
+    """Where `fedrad pretrain` writes a prior's provenance: <weights>.json."""
+    return weights.with_name(weights.name + ".json")
+
+
+def prior_provenance(config: RunConfig, weights: Path) -> dict[str, Any] | None:
+    """The provenance `fedrad pretrain` wrote beside `weights` (None when there is none),
+    once it names this run's architecture and the file's sha256; ModelError if not."""
+    path = provenance_path(weights)
+    if not path.exists():
+        return None
+    try:
+        provenance: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a readable prior provenance ({exc})") from exc
+    network, kwargs = architecture(config)
+    mine = {"class": f"{network.__module__}.{network.__name__}", "kwargs": kwargs}
+    if provenance.get("architecture") != mine:
+        raise ModelError(f"init-weights {weights}: made for {provenance.get('architecture')}, "
+                         f"but this run's model is {mine}; pretrain with this run's config "
+                         "or change its model keys")
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != provenance.get("sha256"):
+        raise ModelError(f"init-weights {weights}: differs from the sha256 in {path.name}; "
+                         "it is not the prior that provenance describes")
+    return provenance
 
 
 def load_pretrained(model: torch.nn.Module, path: Path) -> None:

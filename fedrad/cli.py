@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from fedrad.cli_pretrain import pretrain_command
 from fedrad.cli_runs import (
     evaluate_command,
     models_app,
@@ -31,6 +32,7 @@ app.add_typer(models_app, name="models")
 app.command("evaluate")(evaluate_command)
 app.command("predict")(predict_command)
 app.command("report")(report_command)
+app.command("pretrain")(pretrain_command)
 
 
 @consortium_app.command("init")

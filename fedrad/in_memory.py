@@ -38,7 +38,7 @@ from client.training import (
 )
 from common import keys
 from common.config import OptimizerState, RunConfig
-from common.models import build_model
+from common.models import build_model, load_pretrained
 from common.weights import pack, subtract, unpack
 from server.aggregation import Aggregator, SiteUpdate, UpdatePool
 
@@ -51,6 +51,12 @@ class Curve:
 
     scores: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    best_weights: list[np.ndarray] = field(default_factory=list)  # of the best round
+
+    def add(self, score: float, weights: list[np.ndarray]) -> None:
+        if not self.scores or score > self.best:
+            self.best_weights = [np.array(a, copy=True) for a in weights]
+        self.scores.append(score)
 
     @property
     def best(self) -> float:
@@ -95,6 +101,8 @@ def train_federated(config: RunConfig, sites: dict[str, Algo],
     _task_identity()
     aggregator = Aggregator(config)
     first = next(iter(sites.values()))
+    if config.init_weights:  # the server's starting point (a prior, fedrad pretrain)
+        load_pretrained(first.model, Path(config.init_weights).expanduser())
     global_arrays = pack(first.get_weights())
     layout = first.get_weights()
     for algo in sites.values():
@@ -115,7 +123,8 @@ def train_federated(config: RunConfig, sites: dict[str, Algo],
                 raise RuntimeError(f"round {server_round}: an update was rejected")
         global_arrays = aggregator.next_global(server_round, global_arrays,
                                                pool.contributions())
-        curve.scores.append(pooled_score(sites, unpack(global_arrays, layout), metric))
+        weights = unpack(global_arrays, layout)
+        curve.add(pooled_score(sites, weights, metric), weights)
         if on_round is not None:
             on_round(server_round, curve.scores[-1])
     curve.seconds = time.perf_counter() - start
@@ -158,7 +167,8 @@ def _central(config: RunConfig, sites: dict[str, Algo], train_on: list[str], epo
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         algo.train(server_round=epoch, noise_multiplier=None)
-        curve.scores.append(pooled_score(sites, algo.get_weights(), metric))
+        weights = algo.get_weights()
+        curve.add(pooled_score(sites, weights, metric), weights)
         if on_epoch is not None:
             on_epoch(epoch, curve.scores[-1])
     curve.seconds = time.perf_counter() - start

@@ -96,6 +96,7 @@ def describe(run: RunFolder, ref: ModelRef) -> dict[str, Any]:
         "run_status": registry["status"],
         "best_round": registry.get("best", {}).get("round"),
         "pooled_baseline": registry.get("pooled_baseline"),
+        "init_weights": registry.get("init_weights"),
         "checkpoint_sha256": registry["checkpoints"][str(ref.server_round)]["sha256"],
         "task": config.task.value,
         "run_config": flat,  # the whole typed config, flat (settings only, no data)
@@ -144,7 +145,8 @@ def list_models(home: Path, *, all_rounds: bool = False) -> list[dict[str, Any]]
                 "model": config["model"], "strategy": config.get("strategy", "fedavg"),
                 "run_status": registry["status"],
         "best_round": registry.get("best", {}).get("round"),
-        "pooled_baseline": registry.get("pooled_baseline"), "rounds": f"{server_round}/"
+        "pooled_baseline": registry.get("pooled_baseline"),
+        "init_weights": registry.get("init_weights"), "rounds": f"{server_round}/"
                 f"{config['num-rounds']}", "metric": row.get("score_metric", ""),
                 "pooled_score": row.get("pooled_score"),
                 "sha256": registry["checkpoints"][str(server_round)]["sha256"][:16],

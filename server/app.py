@@ -19,10 +19,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys
-from common.audit import digest_arrays
+from common.audit import digest, digest_arrays
 from common.config import RunConfig
 from common.model_signing import SIGNING_KEY_ENV, load_signing_key, sign_model
-from common.models import build_model, load_pretrained
+from common.models import build_model, load_pretrained, prior_provenance
 from common.weights import (
     check_finite,
     from_arrays,
@@ -181,9 +181,15 @@ def main(grid: Grid, context: Context) -> None:
     grid = PollingGrid(grid)
     config = RunConfig.from_mapping(context.run_config)
     model = build_model(config)
+    prior: dict[str, object] | None = None
     if config.init_weights:
-        load_pretrained(model, Path(config.init_weights).expanduser())
-        LOG.info("initial weights from %s", config.init_weights)
+        weights = Path(config.init_weights).expanduser()
+        provenance = prior_provenance(config, weights)  # refused if made for another model
+        load_pretrained(model, weights)
+        prior = {"file": weights.name, "sha256": digest(weights.read_bytes()),
+                 "provenance": provenance}
+        LOG.info("initial weights from %s (%s)", config.init_weights,
+                 "no provenance" if provenance is None else provenance["data"])
     template = plain_state_dict(model)
     layout = to_arrays(template)
     central = CentralDP(config.central_dp) if config.central_dp.enabled else None
@@ -191,6 +197,8 @@ def main(grid: Grid, context: Context) -> None:
     signer = _signing_key()
     state = _start_or_resume(context, config, layout, aggregator, central)
     run, global_arrays = state.run, state.global_arrays
+    if prior is not None and state.first_round == 1:
+        run.record_prior(prior)
     LOG.info(
         "run %s: task=%s strategy=%s rounds=%d-%d min-sites=%d k=%d dp=%s secagg=%s "
         "folder=%s", context.run_id, config.task.value, config.strategy.name.value,

@@ -224,6 +224,15 @@ class RunFolder:
                               metric=metric, score=score)
         return 0 if best is None else int(best["round"])
 
+    def record_prior(self, prior: dict[str, Any]) -> None:
+        """The initial weights the run started from (file, sha256, `fedrad pretrain`'s
+        provenance: what data it saw), so every model of the run says what it builds on."""
+        registry = self.read_json("registry.json")
+        registry["init_weights"] = prior
+        _write_json(self.root / "registry.json", registry)
+        self.audit.append("run-prior", run_id=self.run_id, file=prior["file"],
+                          sha256=prior["sha256"])
+
     def record_pooled_baseline(self, metric: str, score: float, source: str) -> None:
         """What pooling the same sites' training patients reached (bench/pooled_baseline.py
         --run-dir), so reports and `fedrad evaluate` state the run's ratio to it."""
