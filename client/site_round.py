@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
-from client import site_logging
+from client import optimizer_store, site_logging
 from client.dataset import DataSpec, SiteDataset, load_site_dataset
 from client.errors import budget_refusal, policy_refusal
 from client.ledger import BudgetExceeded, PrivacyLedger, RunCapExceeded, Session
@@ -38,7 +38,7 @@ from client.training import (
 )
 from common import keys
 from common.audit import AuditLog, digest_arrays
-from common.config import RunConfig, UpdateDType
+from common.config import OptimizerState, RunConfig, UpdateDType
 from common.masking import quantise
 from common.phi import PHIGuard
 from common.weights import check_finite, global_norm, pack, subtract, unpack
@@ -130,7 +130,13 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
         LOG.warning("round %d: differential privacy is OFF for this run (dp-enabled=false)",
                     server_round)
 
+    kept = config.optimizer_state is OptimizerState.KEPT
+    run = config.resume_from or str(run_id)  # the run folder a resumed run continues
+    if kept:  # the moments after this site's previous round of the run, from its disk
+        algo.optimizer_state = optimizer_store.load(site.work_dir, run, server_round)
     result = algo.train(server_round=server_round, noise_multiplier=noise)
+    if kept and algo.optimizer_state is not None:
+        optimizer_store.save(site.work_dir, run, server_round, algo.optimizer_state)
     if ledger is not None and noise is not None:
         if (result.sample_rate, result.steps) != (planned.sample_rate, planned.steps):
             LOG.error("round %d: the accountant counted %d steps at q=%.4f, %d at q=%.4f were "

@@ -23,14 +23,16 @@ TARGET_EPSILON = 8.0
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy") / "demo"
-    # Settings measured in-process (same code, FedAvg of patient-level DP updates with
-    # noise from the OS CSPRNG, 2 data seeds x 7 trainings): pooled Dice rose by 0.075 to
-    # 0.213 over 3 rounds; the test asks for 0.05. A batch of every training patient
-    # (about 24 images) keeps the per-patient noise of the mean low.
-    overrides = {"num-rounds": ROUNDS, "image-size": 32, "local-epochs": 3, "batch-size": 24,
-                 "learning-rate": 0.02, "dp-target-epsilon": TARGET_EPSILON}
+    # Settings measured in-process on the anatomical phantoms (fedrad.in_memory, the same
+    # training code, patient-level DP-SGD with noise from the OS CSPRNG, 2 trainings on
+    # 2026-12-01): pooled Dice went 0.133 -> 0.527 and 0.183 -> 0.679 over 3 rounds; the
+    # test asks for a rise of 0.15. With 16 patients per site it did not rise at all
+    # (0.20 -> 0.16): DP needs patients, and batch 32 of 36 training patients keeps the
+    # noise of the mean low.
+    overrides = {"num-rounds": ROUNDS, "image-size": 32, "local-epochs": 3, "batch-size": 32,
+                 "learning-rate": 0.01, "dp-target-epsilon": TARGET_EPSILON}
     return run_demo(out, data=None, config_file=CONFIGS / "demo.toml", overrides=overrides,
-                    patients=16, say=print)
+                    patients=48, say=print)
 
 
 @pytest.mark.deployment
@@ -83,7 +85,7 @@ def test_the_global_model_changed_every_round(demo) -> None:
 @pytest.mark.deployment
 def test_dice_improves(demo) -> None:
     first, last = demo.rounds[0]["pooled_score"], demo.rounds[-1]["pooled_score"]
-    assert last > first + 0.05, (first, last)
+    assert last > first + 0.15, (first, last)
 
 
 @pytest.mark.deployment
