@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from common import keys
-from common.config import RunConfig, Task
+from common.config import RunConfig, Task, Trainable
 from common.models import architecture, provenance_path
 from common.weights import from_arrays, plain_state_dict
 from fedrad.in_memory import load_sites, train_pooled
@@ -50,7 +50,7 @@ def pretrain(config: RunConfig, out: Path, *, data: Path | None, patients: int,
                             "of data the consortium may pool")
     central = dataclasses.replace(
         config, dp=dataclasses.replace(config.dp, enabled=False,
-                                       trainable=type(config.dp.trainable).ALL),
+                                       trainable=Trainable.ALL),
         init_weights="")
     with tempfile.TemporaryDirectory(prefix="fedrad-pretrain-") as scratch:
         if data is None:
