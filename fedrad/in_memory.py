@@ -101,7 +101,10 @@ def train_federated(config: RunConfig, sites: dict[str, Algo],
     _task_identity()
     aggregator = Aggregator(config)
     first = next(iter(sites.values()))
-    if config.init_weights:  # the server's starting point (a prior, fedrad pretrain)
+    # the server's starting point: the seeded initial model (or a prior), never what the
+    # sites' models hold from an earlier training in this process
+    first.model.load_state_dict(build_model(config).state_dict())
+    if config.init_weights:
         load_pretrained(first.model, Path(config.init_weights).expanduser())
     global_arrays = pack(first.get_weights())
     layout = first.get_weights()
