@@ -69,7 +69,9 @@ class Curve:
 
 def load_sites(config: RunConfig, data_root: Path, cache: Path) -> dict[str, Algo]:
     """Every site folder under `data_root`, its patients split by the run's val-fraction
-    and seed (so pooled and federated trainings hold out the same patients)."""
+    and seed (so pooled and federated trainings hold out the same patients). A later
+    training may use another config of the same task and image size: each training
+    sets its own on the sites."""
     spec = DataSpec(task=config.task, image_size=config.image_size,
                     voi_window=config.voi_window, labels=config.labels,
                     foreground=config.foreground)
@@ -110,6 +112,7 @@ def train_federated(config: RunConfig, sites: dict[str, Algo],
     layout = first.get_weights()
     for algo in sites.values():
         algo.optimizer_state = None
+        algo.config = config  # the run's recipe (lr, epochs, dp-trainable, ...) at every site
     noise = {name: plan_noise_multiplier(config, num_train=algo.num_train,
                                          delta=default_delta(algo.num_train))
              if config.dp.enabled else None for name, algo in sites.items()}
