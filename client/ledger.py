@@ -56,13 +56,23 @@ class RunCapExceeded(BudgetExceeded):
 
 @dataclass(frozen=True)
 class Session:
-    """One DP training session (record-level: Opacus' σ, q and steps)."""
+    """One DP training session (record-level: Opacus' σ, q and steps).
+
+    `floor_noise_multiplier`: in distributed DP (client.distributed_dp), σ of this site's
+    own noise share alone; `noise_multiplier` is then the σ of the secure sum, which holds
+    while the other sites of the sum add their shares. None: local DP, the same σ."""
 
     run_id: int
     server_round: int
     noise_multiplier: float
     sample_rate: float
     steps: int
+    floor_noise_multiplier: float | None = None
+
+    def sigma(self, *, floor: bool = False) -> float:
+        if floor and self.floor_noise_multiplier is not None:
+            return self.floor_noise_multiplier
+        return self.noise_multiplier
 
 
 Cohort = Mapping[str, int]  # patient key -> training images of that patient
@@ -95,12 +105,13 @@ def _epsilon(steps: Counter[tuple[float, float]], delta: float) -> float:
     return float(eps)
 
 
-def epsilon_of(sessions: Iterable[Session], delta: float, k: int = 1) -> float:
+def epsilon_of(sessions: Iterable[Session], delta: float, k: int = 1, *,
+               floor: bool = False) -> float:
     """ε of the composition of `sessions` at `delta` for a group of k records (k = 1:
-    Opacus' RDP accountant's result)."""
+    Opacus' RDP accountant's result); `floor`: of each site's own noise share alone."""
     steps: Counter[tuple[float, float]] = Counter()
     for s in sessions:
-        steps[(s.noise_multiplier / k, group_rate(s.sample_rate, k))] += s.steps
+        steps[(s.sigma(floor=floor) / k, group_rate(s.sample_rate, k))] += s.steps
     return _epsilon(steps, delta)
 
 
@@ -151,9 +162,9 @@ class PrivacyLedger:
         return [session for session, _ in self.entries]
 
     def _per_patient(self, cohort: Cohort, planned: Session | None,
-                     run_id: int | None) -> float:
+                     run_id: int | None, floor: bool = False) -> float:
         """The largest ε of any patient of `cohort` over the history (plus `planned`,
-        a session on `cohort`)."""
+        a session on `cohort`); `floor`: counting only this site's own noise."""
         planned_id = cohort_id(cohort)
         cohorts = {**self.cohorts, planned_id: dict(cohort)}
         history = [*self.entries, *([(planned, planned_id)] if planned is not None else [])]
@@ -165,7 +176,7 @@ class PrivacyLedger:
                     continue
                 k = 1 if cid == EVERYONE else cohorts.get(cid, {}).get(patient, 0)
                 if k:
-                    steps[(session.noise_multiplier / k,
+                    steps[(session.sigma(floor=floor) / k,
                            group_rate(session.sample_rate, k))] += session.steps
             signature = frozenset(steps.items())
             if signature not in seen:
@@ -174,8 +185,15 @@ class PrivacyLedger:
         return worst
 
     def epsilon(self, cohort: Cohort, run_id: int | None = None) -> float:
-        """ε spent so far by the most exposed patient of `cohort` (in one run, or all)."""
+        """ε spent so far by the most exposed patient of `cohort` (in one run, or all):
+        what the budget is charged."""
         return self._per_patient(cohort, None, run_id)
+
+    def floor_epsilon(self, cohort: Cohort, run_id: int | None = None) -> float:
+        """ε of the same patient counting only the noise this site added itself: the
+        guarantee of distributed-DP sessions if every other site of their sums colluded
+        (equal to `epsilon` for a ledger of local-DP sessions)."""
+        return self._per_patient(cohort, None, run_id, floor=True)
 
     def projected(self, planned: Session, cohort: Cohort, run_id: int | None = None) -> float:
         """ε of the most exposed patient of `cohort` once `planned` has run."""

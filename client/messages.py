@@ -166,7 +166,8 @@ def handle_query(msg: Message, context: Context) -> Message:
                        reply_to=msg)
     if stage == keys.STAGE_RECOVER:
         server_round = _server_round(config)
-        masked = secure_sum.recover(context.node_config, run_id=int(context.run_id),
+        masked = secure_sum.recover(context.node_config, context.run_config,
+                                    run_id=int(context.run_id),
                                     node_id=int(context.node_id), server_round=server_round,
                                     fields=msg.content.config_records.get(keys.MASKING, {}))
         return Message(RecordDict({keys.MASKED: ArrayRecord([masked]), keys.SITE: site}),

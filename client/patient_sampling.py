@@ -24,14 +24,18 @@ from torch.utils.data import Sampler, TensorDataset
 
 
 class PatientPoissonSampler(Sampler[list[int]]):
-    """Batches of image indices: every patient drawn with probability 1/steps per step."""
+    """Batches of image indices: every patient drawn with probability `sample_rate`
+    (default 1/steps) per step."""
 
-    def __init__(self, groups: np.ndarray, steps: int, generator: torch.Generator) -> None:
+    def __init__(self, groups: np.ndarray, steps: int, generator: torch.Generator, *,
+                 sample_rate: float | None = None) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.patients = [np.flatnonzero(groups == g) for g in np.unique(groups)]
         self.steps = steps
-        self.sample_rate = 1.0 / steps
+        self.sample_rate = 1.0 / steps if sample_rate is None else sample_rate
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
         self.generator = generator
 
     def __len__(self) -> int:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from client import distributed_dp
 from client.errors import SiteRefusal, policy_refusal, rekey_refusal
 from client.served import AlreadyServed, ServedLog
 from client.site_config import AUDIT_FILE
@@ -139,7 +140,8 @@ def plan(node_config: Any, run_config: Any, *, run_id: int, node_id: int,
          server_round: int, fields: Any) -> Plan:
     """Check a training request's masking fields; a refusal before any compute."""
     policy = SitePolicy.from_mapping(node_config)
-    settings = RunConfig.from_mapping(run_config).secagg
+    config = RunConfig.from_mapping(run_config)
+    settings = config.secagg
     try:
         if fields.get(keys.ATTEMPT) != 0:
             raise masking.MaskingError("a training request must be attempt 0")
@@ -148,10 +150,7 @@ def plan(node_config: Any, run_config: Any, *, run_id: int, node_id: int,
         if node_id not in participants or not set(participants) <= set(roster):
             raise masking.MaskingError("the set names this site or a node not in the roster "
                                        "wrongly")
-        if len(participants) < policy.min_secure_aggregation_sites:
-            raise masking.MaskingError(
-                f"{len(participants)} sites, below this site's min-secure-aggregation-sites "
-                f"{policy.min_secure_aggregation_sites}")
+        _check_sum_size(len(participants), "sites", policy, config)
         masking.check_set_size(len(participants), settings.quantization_range,
                                settings.max_weight)
         own = _public(run_key(_work_dir(node_config), run_id))
@@ -167,6 +166,21 @@ def plan(node_config: Any, run_config: Any, *, run_id: int, node_id: int,
         raise _refuse(node_config, run_id, server_round, str(exc)) from exc
     return Plan(run_id, node_id, server_round, {n: roster[n] for n in participants}, names,
                 participants)
+
+
+def _check_sum_size(count: int, what: str, policy: SitePolicy, config: RunConfig) -> None:
+    """A masked sum this site joins holds at least its policy's minimum of sites and, in
+    distributed DP, the K sites whose noise shares make σ (client.distributed_dp): in a
+    smaller sum this site's update would carry less noise than its ledger records."""
+    if count < policy.min_secure_aggregation_sites:
+        raise masking.MaskingError(
+            f"{count} {what}, below this site's min-secure-aggregation-sites "
+            f"{policy.min_secure_aggregation_sites}")
+    needed = distributed_dp.sites_sharing(config)
+    if config.dp.distributed and count < needed:
+        raise masking.MaskingError(
+            f"{count} {what}, fewer than the {needed} sites whose noise shares make up "
+            "σ in dp-mode=distributed (secagg-min-sites)")
 
 
 def _pending(node_config: Any, run_id: int) -> Path:
@@ -196,10 +210,11 @@ def mask(node_config: Any, chosen: Plan, quantised: np.ndarray) -> np.ndarray:
     return masked
 
 
-def recover(node_config: Any, *, run_id: int, node_id: int, server_round: int,
-            fields: Any) -> np.ndarray:
+def recover(node_config: Any, run_config: Any, *, run_id: int, node_id: int,
+            server_round: int, fields: Any) -> np.ndarray:
     """Re-mask the round's cached update for the survivors: once per round, for a strict
-    subset of the set masked for, of at least min-secure-aggregation-sites."""
+    subset of the set masked for, of at least min-secure-aggregation-sites (and, in
+    distributed DP, of at least the K sites whose noise shares make up σ)."""
     policy = SitePolicy.from_mapping(node_config)
     path = _pending(node_config, run_id)
     try:
@@ -226,10 +241,7 @@ def recover(node_config: Any, *, run_id: int, node_id: int, server_round: int,
         if node_id not in survivors or not set(survivors) < set(before):
             raise masking.MaskingError("the survivors are not a strict subset of the set "
                                        "this site masked for, with this site in it")
-        if len(survivors) < policy.min_secure_aggregation_sites:
-            raise masking.MaskingError(
-                f"{len(survivors)} survivors, below this site's min-secure-aggregation-sites "
-                f"{policy.min_secure_aggregation_sites}")
+        _check_sum_size(len(survivors), "survivors", policy, RunConfig.from_mapping(run_config))
     except masking.MaskingError as exc:
         raise _refuse(node_config, run_id, server_round, str(exc)) from exc
     roster = {n: masking.Advert(n, p, b"", b"") for n, p in zip(before, publics, strict=True)}

@@ -37,6 +37,8 @@ class SitePolicy:
     min_secure_aggregation_sites: int = 3
     max_evaluations_per_round: int = 1
     share_train_loss: bool = False  # the training loss is not DP-noised
+    # dp-mode=distributed: count the other sites' noise shares (client.distributed_dp)
+    trust_distributed_noise: bool = False
 
     @classmethod
     def keys(cls) -> frozenset[str]:
@@ -81,6 +83,8 @@ class SitePolicy:
         if config.dp.enabled and config.dp.delta is not None \
                 and config.dp.delta > self.max_delta:
             broken.append("max-delta")
+        if config.dp.distributed and not self.trust_distributed_noise:
+            broken.append("trust-distributed-noise")
         if config.faults.cross_site and not self.allow_cross_site:
             broken.append("allow-cross-site")
         if config.image_size > self.max_image_size:
@@ -104,6 +108,8 @@ class SitePolicy:
             loud.append("require-secure-aggregation=false")
         if self.allow_cross_site:
             loud.append("allow-cross-site=true")
+        if self.trust_distributed_noise:
+            loud.append("trust-distributed-noise=true")
         return loud
 
 

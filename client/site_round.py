@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
-from client import optimizer_store, site_logging
+from client import distributed_dp, optimizer_store, site_logging
 from client.dataset import DataSpec, SiteDataset, load_site_dataset
 from client.errors import budget_refusal, policy_refusal
 from client.ledger import BudgetExceeded, PrivacyLedger, RunCapExceeded, Session
@@ -32,7 +32,7 @@ from client.training import (
     SegmentationAlgo,
     build_algo,
     default_delta,
-    dp_sampling,
+    dp_schedule,
     pick_device,
     plan_noise_multiplier,
 )
@@ -120,11 +120,18 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
                                delta=site.policy.delta_for(config,
                                                            default_delta(algo.num_train)))
         cohort = algo.cohort
+        if config.dp.distributed and not masked:  # its share alone would be sent in the clear
+            LOG.warning("round %d refused: dp-mode=distributed without secure aggregation",
+                        server_round)
+            _audit(site).append("round-refused", run_id=str(run_id), round=server_round,
+                                reason="distributed DP unmasked")
+            raise policy_refusal(["dp-mode"])
         noise = ledger.run_noise_multiplier(run_id) or plan_noise_multiplier(
             config, num_train=algo.num_train, delta=ledger.delta)
-        sample_rate, per_epoch = dp_sampling(algo.num_train, config.batch_size)
-        planned = Session(run_id, server_round, noise, sample_rate,
-                          config.local_epochs * per_epoch)
+        own_noise = noise * distributed_dp.share(config)
+        sample_rate, steps = dp_schedule(config, algo.num_train)
+        planned = Session(run_id, server_round, noise, sample_rate, steps,
+                          own_noise if config.dp.distributed else None)
         _reserve(ledger, planned, cohort, site)
     else:
         LOG.warning("round %d: differential privacy is OFF for this run (dp-enabled=false)",
@@ -134,7 +141,8 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
     run = config.resume_from or str(run_id)  # the run folder a resumed run continues
     if kept:  # the moments after this site's previous round of the run, from its disk
         algo.optimizer_state = optimizer_store.load(site.work_dir, run, server_round)
-    result = algo.train(server_round=server_round, noise_multiplier=noise)
+    result = algo.train(server_round=server_round,
+                        noise_multiplier=None if noise is None else own_noise)
     if kept and algo.optimizer_state is not None:
         optimizer_store.save(site.work_dir, run, server_round, algo.optimizer_state)
     if ledger is not None and noise is not None:
@@ -144,7 +152,8 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
                       server_round, result.steps, result.sample_rate, planned.steps,
                       planned.sample_rate)
             _reserve(ledger, Session(run_id, server_round, noise, result.sample_rate,
-                                     result.steps), cohort, site)
+                                     result.steps, planned.floor_noise_multiplier),
+                     cohort, site)
         metrics.update({
             keys.EPSILON_TOTAL: ledger.epsilon(cohort),
             keys.EPSILON_ROUND: ledger.epsilon(cohort, run_id),
@@ -152,8 +161,11 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
             keys.DELTA: ledger.delta,
             keys.NOISE_MULTIPLIER: noise,
         })
+        if config.dp.distributed:  # what holds if the sum's other sites added nothing
+            metrics[keys.EPSILON_FLOOR] = ledger.floor_epsilon(cohort, run_id)
     local = pack(algo.get_weights())
-    weight = result.num_examples  # FedAvg weighting ...
+    weight = distributed_dp.fedavg_weight(config, examples=result.num_examples,
+                                          patients=len(algo.cohort))  # FedAvg weighting ...
     if config.central_dp.enabled:  # ... or uniform, with each update clipped (central DP)
         compute_clip_model_update(local, global_arrays, config.central_dp.clipping_norm)
         weight = 1

@@ -22,6 +22,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric, ROCAUCMetric
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader, TensorDataset
 
+from client import distributed_dp
 from client.augmentation import Augmenter
 from client.dataset import SiteDataset
 from client.dp_optimizer import FusedDPOptimizer, SitePrivacyEngine, make_private
@@ -76,12 +77,25 @@ def dp_sampling(num_train: int, batch_size: int) -> tuple[float, int]:
     return 1.0 / batches, batches
 
 
-def plan_noise_multiplier(config: RunConfig, *, num_train: int, delta: float) -> float:
-    """σ that spends the run's target ε over its planned rounds x epochs (computed once);
-    the record is a patient (client.patient_sampling), sampled at 1/steps per step."""
+def dp_schedule(config: RunConfig, num_train: int) -> tuple[float, int]:
+    """(sample rate, DP steps per round) of a site's training. Local mode: local-epochs x
+    ceil(images / batch-size) steps at 1/ceil(...); distributed mode: one step at the
+    global weights with the run's dp-sample-rate (client.distributed_dp)."""
+    if config.dp.distributed:
+        return config.dp.sample_rate, 1
     sample_rate, per_epoch = dp_sampling(num_train, config.batch_size)
-    steps = config.num_rounds * config.local_epochs * per_epoch
-    return _noise_for(config.dp.target_epsilon, delta, sample_rate, steps)
+    return sample_rate, config.local_epochs * per_epoch
+
+
+def plan_noise_multiplier(config: RunConfig, *, num_train: int, delta: float) -> float:
+    """σ that spends the run's target ε over its planned rounds (computed once); the
+    record is a patient (client.patient_sampling). In distributed mode σ is the noise of
+    the secure sum, planned from the run config alone (the same at every site)."""
+    sample_rate, per_round = dp_schedule(config, num_train)
+    if config.dp.distributed:
+        delta = distributed_dp.plan_delta(config)
+    return _noise_for(config.dp.target_epsilon, delta, sample_rate,
+                      config.num_rounds * per_round)
 
 
 @functools.lru_cache(maxsize=64)
@@ -194,6 +208,11 @@ class LocalAlgo:
                               image_size=self.config.image_size,
                               seed=self.config.seed * 1000 + server_round)
         loader = DataLoader(self.train_set, batch_size=self.config.batch_size, shuffle=True)
+        epochs = self.config.local_epochs
+        if self.config.dp.distributed:  # one noisy gradient at the global weights
+            if noise_multiplier is None:
+                raise ValueError("dp-mode=distributed trains only with DP noise")
+            epochs = 1
         model = copy.deepcopy(self.model)  # a fresh module per session: no stale DP hooks
         freeze_except(model, self.config.dp.trainable)  # dp-trainable: the rest stays as sent
         model.train()
@@ -208,7 +227,7 @@ class LocalAlgo:
         proximal = _Proximal.of(self.config, model)
         losses: list[float] = []
         steps = 0
-        for _ in range(self.config.local_epochs):
+        for _ in range(epochs):
             for images, targets, groups in loader:
                 if isinstance(optimizer, FusedDPOptimizer):
                     optimizer.groups = groups  # clip per patient
@@ -250,8 +269,11 @@ class LocalAlgo:
                  ) -> tuple[torch.nn.Module, FusedDPOptimizer, DataLoader[Any]]:
         """DP-SGD on patients: Poisson-sampled patients (all their images), each patient's
         gradient clipped to C, the mean over the expected number of patients."""
-        _, steps = dp_sampling(self.num_train, self.config.batch_size)
-        sampler = PatientPoissonSampler(self.train_groups, steps, engine.secure_rng)
+        # one epoch of the loader: its steps and rate (dp_schedule's, per epoch)
+        sample_rate, steps = (self.config.dp.sample_rate, 1) if self.config.dp.distributed \
+            else dp_sampling(self.num_train, self.config.batch_size)
+        sampler = PatientPoissonSampler(self.train_groups, steps, engine.secure_rng,
+                                        sample_rate=sample_rate)
         loader = DataLoader(self.train_set, batch_sampler=sampler,
                             collate_fn=collate_or_empty(self.train_set))
         private, dp_optimizer, private_loader = make_private(
@@ -265,6 +287,8 @@ class LocalAlgo:
         lr = self.config.learning_rate
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer: torch.optim.Optimizer
+        if self.config.dp.distributed:  # the step is the noisy gradient itself
+            return torch.optim.SGD(params, lr=lr)
         if self.config.optimizer is Optimizer.SGD:
             optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
         else:

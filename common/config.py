@@ -99,6 +99,14 @@ class Trainable(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class DPMode(enum.StrEnum):
+    """Where DP-SGD's noise is added (client.distributed_dp explains distributed)."""
+
+    LOCAL = "local"  # each site adds all of σ to its own local steps
+    DISTRIBUTED = "distributed"  # each of K sites adds σ/√K; the secure sum carries σ
+
+
+@dataclass(frozen=True)
 class DPConfig:
     """Differential privacy (Opacus DP-SGD) settings of a run."""
 
@@ -107,6 +115,12 @@ class DPConfig:
     delta: float | None  # None: chosen per site below 1/N
     max_grad_norm: float
     trainable: Trainable  # what local training updates, with or without DP
+    mode: DPMode
+    sample_rate: float  # distributed mode: the chance that a step draws a patient
+
+    @property
+    def distributed(self) -> bool:
+        return self.enabled and self.mode is DPMode.DISTRIBUTED
 
     def __post_init__(self) -> None:
         if not self.enabled:
@@ -117,6 +131,8 @@ class DPConfig:
             raise ConfigError(f"dp-delta must be in (0, 1) or 'auto', got {self.delta}")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"dp-max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"dp-sample-rate must be in (0, 1], got {self.sample_rate}")
 
 
 @dataclass(frozen=True)
@@ -320,6 +336,8 @@ class RunConfig:
                 delta=delta,
                 max_grad_norm=get.number("dp-max-grad-norm"),
                 trainable=get.choice("dp-trainable", Trainable),
+                mode=get.choice("dp-mode", DPMode),
+                sample_rate=get.number("dp-sample-rate"),
             ),
             central_dp=CentralDPConfig(
                 enabled=get.boolean("central-dp-enabled"),
@@ -393,6 +411,28 @@ class RunConfig:
         return out
 
 
+def _check_distributed_dp(config: RunConfig) -> None:
+    """dp-mode=distributed is sound only as client.distributed_dp describes it."""
+    if config.dp.mode is not DPMode.DISTRIBUTED:
+        return
+    why = "dp-mode=distributed"
+    if not config.dp.enabled:
+        raise ConfigError(f"{why} needs dp-enabled=true")
+    if not config.secagg.enabled:
+        raise ConfigError(f"{why} relies on secure aggregation to add the sites' noise "
+                          "shares before anyone sees an update; set secagg-enabled=true or "
+                          "dp-mode=\"local\"")
+    if config.central_dp.enabled:
+        raise ConfigError(f"{why} and central-dp-enabled both noise the sum; choose one")
+    if config.local_epochs != 1:
+        raise ConfigError(f"{why} sends one noisy gradient per round, taken at the global "
+                          f"weights; set local-epochs = 1 (got {config.local_epochs})")
+    if config.optimizer_state is not OptimizerState.FRESH:
+        raise ConfigError(f"{why} takes no local optimiser steps, so there are no moments "
+                          "to keep; set optimizer-state = \"fresh\" (use strategy = "
+                          "\"fedadam\" for server-side moments)")
+
+
 def _check_strategy(config: RunConfig) -> None:
     """Combinations that would silently protect or aggregate less than asked."""
     name = config.strategy.name
@@ -428,6 +468,7 @@ def _check_strategy(config: RunConfig) -> None:
             "max-sites-in-flight sends training requests a few at a time, and secure "
             "aggregation needs every site of the set in the same exchange; set "
             "max-sites-in-flight = 0 or secagg-enabled=false")
+    _check_distributed_dp(config)
     if name is Strategy.KRUM:
         # Krum scores an update by its n-f-2 nearest others: at least one must remain.
         # (Its worst-case guarantee of Blanchard et al. needs n >= 2f+3.)
@@ -484,6 +525,8 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "dp-delta": ("dp", "delta"),
     "dp-max-grad-norm": ("dp", "max_grad_norm"),
     "dp-trainable": ("dp", "trainable"),
+    "dp-mode": ("dp", "mode"),
+    "dp-sample-rate": ("dp", "sample_rate"),
     "central-dp-enabled": ("central_dp", "enabled"),
     "central-dp-noise-multiplier": ("central_dp", "noise_multiplier"),
     "central-dp-clipping-norm": ("central_dp", "clipping_norm"),
@@ -540,6 +583,8 @@ _DEFAULTS: dict[str, Any] = {
     "dp-delta": "auto",
     "dp-max-grad-norm": 1.0,
     "dp-trainable": "all",
+    "dp-mode": "local",
+    "dp-sample-rate": 1.0,
     "central-dp-enabled": False,
     "central-dp-noise-multiplier": 1.0,
     "central-dp-clipping-norm": 1.0,

@@ -39,6 +39,7 @@ LOAD_SECONDS = "load-seconds"
 EPSILON_ROUND = "epsilon-run"
 EPSILON_TOTAL = "epsilon-total"
 EPSILON_BUDGET = "epsilon-budget"
+EPSILON_FLOOR = "epsilon-run-own-noise"  # distributed DP: the run's ε of the site's share alone
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 EVAL_LOSS = "eval-loss"
@@ -61,6 +62,7 @@ ALLOWED_METRICS = frozenset(
         EPSILON_ROUND,
         EPSILON_TOTAL,
         EPSILON_BUDGET,
+        EPSILON_FLOOR,
         DELTA,
         NOISE_MULTIPLIER,
         EVAL_LOSS,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from client import distributed_dp
 from client.dataset import DataSpec, load_site_dataset
 from client.training import (
     ClassificationAlgo,
@@ -115,6 +116,7 @@ def train_federated(config: RunConfig, sites: dict[str, Algo],
         algo.config = config  # the run's recipe (lr, epochs, dp-trainable, ...) at every site
     noise = {name: plan_noise_multiplier(config, num_train=algo.num_train,
                                          delta=default_delta(algo.num_train))
+             * distributed_dp.share(config)  # a site's own noise (distributed: σ/√K)
              if config.dp.enabled else None for name, algo in sites.items()}
     curve = Curve()
     start = time.perf_counter()
@@ -125,7 +127,9 @@ def train_federated(config: RunConfig, sites: dict[str, Algo],
             algo.set_weights(unpack(global_arrays, layout))
             result = algo.train(server_round=server_round, noise_multiplier=noise[name])
             update = subtract(pack(algo.get_weights()), global_arrays)
-            if pool.add(SiteUpdate(node, update, float(result.num_examples))) is not None:
+            weight = distributed_dp.fedavg_weight(config, examples=result.num_examples,
+                                                  patients=len(algo.cohort))
+            if pool.add(SiteUpdate(node, update, float(weight))) is not None:
                 raise RuntimeError(f"round {server_round}: an update was rejected")
         global_arrays = aggregator.next_global(server_round, global_arrays,
                                                pool.contributions())

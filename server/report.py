@@ -138,6 +138,32 @@ def best_model_lines(registry: dict[str, Any]) -> list[str]:
     return [text + ".</p>"]
 
 
+def privacy_lines(config: dict[str, Any], epsilon: dict[str, float],
+                  rounds: list[dict[str, Any]]) -> list[str]:
+    """ε per site, and in distributed DP which guarantee is which (client.distributed_dp):
+    the σ of the secure sum (charged to the sites' budgets) and each site's own share."""
+    parts = ["<h2>Privacy spent per site</h2>"]
+    floor = {site: points[-1][1] for site, points in
+             _series(rounds, "train", "epsilon-run-own-noise").items()}
+    distributed = config.get("dp-mode") == "distributed"
+    if distributed:
+        parts.append(
+            "<p>Distributed DP: each site added its share of the noise and the secure sum "
+            "carries all of it. <b>ε (sum)</b> holds while every site of each masked sum "
+            "(at least secagg-min-sites = "
+            f"{html.escape(str(config.get('secagg-min-sites', '?')))}) added its share; "
+            "it is what the sites' budgets are charged. <b>ε (own share)</b> is the floor "
+            "each site holds on its own noise alone, whatever the others did.</p>")
+    parts.append(f"<table><tr><th>site</th><th>{'ε (sum)' if distributed else 'ε'}</th>"
+                 + ("<th>ε (own share), this run</th>" if floor else "") + "</tr>")
+    for site_id, value in sorted(epsilon.items()):
+        cell = f"<td>{floor[site_id]:.3f}</td>" if site_id in floor else \
+            ("<td>-</td>" if floor else "")
+        parts.append(f"<tr><td>{html.escape(site_id)}</td><td>{value:.3f}</td>{cell}</tr>")
+    parts.append("</table>")
+    return parts
+
+
 def run_sections(run: RunFolder) -> list[str]:
     """The HTML body of a run's report, from its run folder alone."""
     rounds = run.rounds()
@@ -186,10 +212,8 @@ def run_sections(run: RunFolder) -> list[str]:
                              else "<td>-</td>" for s in columns)
             parts.append(f"<tr><td>{html.escape(model)}</td>{scores}</tr>")
         parts.append("</table>")
-    parts.append("<h2>Privacy spent per site</h2><table><tr><th>site</th><th>ε</th></tr>")
-    for site_id, value in sorted(epsilon.items()):
-        parts.append(f"<tr><td>{html.escape(site_id)}</td><td>{value:.3f}</td></tr>")
-    parts.append("</table><h2>Run configuration</h2><table>")
+    parts += privacy_lines(config, epsilon, rounds)
+    parts.append("<h2>Run configuration</h2><table>")
     for key, value in sorted(config.items()):
         parts.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(str(value))}</td></tr>")
     parts.append("</table><h2>Checkpoints</h2><table><tr><th>round</th><th>sha256</th></tr>")

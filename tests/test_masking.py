@@ -135,7 +135,7 @@ def test_a_dropped_site_is_recovered_once_from_the_survivors(tmp_path):
     assert np.mean(first.total == honest) < 0.01  # site-4's masks with them do not cancel
     again = MaskedSum(SIZE + 1)
     for node in survivors:
-        again.total += secure_sum.recover(configs[node], run_id=RUN, node_id=node,
+        again.total += secure_sum.recover(configs[node], {}, run_id=RUN, node_id=node,
                                           server_round=1,
                                           fields={"participants": survivors, "attempt": 1})
     (mean,) = again.mean(SETTINGS)
@@ -153,10 +153,10 @@ def test_a_second_recovery_request_in_one_round_is_refused_and_audited(tmp_path)
     roster = _roster(configs)
     updates, weights = _updates(configs)
     _masked_round(configs, roster, updates, weights, answering=[101, 102, 103, 104])
-    secure_sum.recover(configs[101], run_id=RUN, node_id=101, server_round=1,
+    secure_sum.recover(configs[101], {}, run_id=RUN, node_id=101, server_round=1,
                        fields={"participants": [101, 102, 103, 104], "attempt": 1})
     with pytest.raises(SiteRefusal, match="recovery"):
-        secure_sum.recover(configs[101], run_id=RUN, node_id=101, server_round=1,
+        secure_sum.recover(configs[101], {}, run_id=RUN, node_id=101, server_round=1,
                            fields={"participants": [101, 102, 103], "attempt": 1})
     audit = (tmp_path / "work" / "site-1" / "audit.jsonl").read_text()
     assert "secagg-recovery-refused" in audit
@@ -174,7 +174,7 @@ def test_a_recovery_that_would_weaken_the_masking_is_refused(tmp_path, survivors
     updates, weights = _updates(configs)
     _masked_round(configs, roster, updates, weights, answering=[101])
     with pytest.raises(SiteRefusal):
-        secure_sum.recover(configs[101], run_id=RUN, node_id=101, server_round=1,
+        secure_sum.recover(configs[101], {}, run_id=RUN, node_id=101, server_round=1,
                            fields={"participants": survivors, "attempt": 1})
     assert why in caplog.text
 
@@ -337,6 +337,6 @@ def test_a_recovery_works_for_keys_that_end_in_a_zero_byte(tmp_path):
                   [101, 102, 103])
     secure_sum.mask(configs[101], chosen, _quantised(np.zeros(SIZE, np.float32), 10))
     configs[101]["min-secure-aggregation-sites"] = 2
-    again = secure_sum.recover(configs[101], run_id=RUN, node_id=101, server_round=1,
+    again = secure_sum.recover(configs[101], {}, run_id=RUN, node_id=101, server_round=1,
                                fields={"participants": [101, 103], "attempt": 1})
     assert again.shape == (SIZE + 1,)
