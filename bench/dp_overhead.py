@@ -17,11 +17,14 @@ modes interleaved within each repeat:
   skipped (client/dp_weight_grads.py); noise from the OS CSPRNG as Opacus' secure mode
   draws it (SitePrivacyEngine);
 - fedrad-patients: the same, clipping per patient (2 images each: `groups`), as fedrad's
-  training does (client/patient_sampling.py).
+  training does (client/patient_sampling.py);
+- fedrad-patients:<dp-trainable>: the same with only those parameters trained
+  (norm-bias, head, norm-bias-head; common.models.freeze_except), against plain training
+  of every parameter.
 
 Every DP mode clips per sample (max_grad_norm 1) and adds noise (sigma 1), with fixed
 batches (no Poisson sampling, so the batch size is the same as plain). The last
-line is `dp_over_plain=<worst fedrad ratio over the two models>`.
+line is `dp_over_plain=<worst ratio of fedrad and fedrad-patients over the two models>`.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client import dp_samplers
 from client.dp_optimizer import SitePrivacyEngine, make_private
-from common.config import RunConfig
-from common.models import build_model
+from common.config import RunConfig, Trainable
+from common.models import build_model, freeze_except
 
 SIZE, BATCH = 128, 16
 MODELS = {
@@ -58,7 +61,10 @@ def _epoch(name: str, mode: str, steps: int) -> float:
         targets = (torch.rand(steps * BATCH, len(config.labels)) > 0.5).float()
         loss_fn = torch.nn.BCEWithLogitsLoss()
     model = build_model(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _, _, trainable = mode.partition(":")
+    if trainable:
+        freeze_except(model, Trainable(trainable))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loader = DataLoader(TensorDataset(images, targets), batch_size=BATCH)
     if mode.startswith("fedrad"):
         model, optimizer, loader = make_private(
@@ -70,7 +76,7 @@ def _epoch(name: str, mode: str, steps: int) -> float:
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
             max_grad_norm=1.0, poisson_sampling=False,
             grad_sample_mode="functorch" if mode == "opacus-functorch" else "hooks")
-    if mode == "fedrad-patients":
+    if mode.startswith("fedrad-patients"):
         optimizer.groups = torch.arange(BATCH) // 2  # type: ignore[union-attr]
     model.train()
     start = time.perf_counter()
@@ -89,7 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
-    modes = ["plain", "opacus-hooks", "opacus-functorch", "fedrad", "fedrad-patients"]
+    modes = ["plain", "opacus-hooks", "opacus-functorch", "fedrad", "fedrad-patients",
+             *(f"fedrad-patients:{t.value}" for t in Trainable if t is not Trainable.ALL)]
     best: dict[tuple[str, str], float] = {}
     failed: set[tuple[str, str]] = set()
     dp_samplers.install()
@@ -118,9 +125,9 @@ def main() -> None:
             if (name, mode) not in best:
                 continue
             ratio = best[name, mode] / plain
-            print(f"{name:12s} {mode:17s} {args.steps * BATCH / best[name, mode]:7.1f} img/s"
+            print(f"{name:12s} {mode:32s} {args.steps * BATCH / best[name, mode]:7.1f} img/s"
                   f"  x{ratio:.2f} of plain")
-            if mode.startswith("fedrad"):
+            if mode in ("fedrad", "fedrad-patients"):
                 worst = max(worst, ratio)
     print(f"dp_over_plain={worst:.2f}")
 

@@ -3,20 +3,28 @@ baseline trained in the same run, with and without a phantom prior, per dp-train
 choice, several seeds (fedrad.in_memory; the sites' own DP-SGD and planned noise).
 
 Usage: python bench/dp_utility.py [--epsilons 1,4,8,32] [--trainable all,norm-bias-head]
-           [--seeds 1,2] [--rounds 10] [--prior-epochs 8] [--prior-patients 60]
-           [--set KEY=VALUE ...]
+           [--modes local,distributed] [--starts scratch,prior] [--seeds 1,2] [--rounds 10]
+           [--distributed-rounds 40] [--prior-epochs 8] [--prior-patients 60]
+           [--set KEY=VALUE ...] [--distributed-set KEY=VALUE ...] [--json FILE]
 
-One line per (seed, prior, trainable, ε or "no-dp"): the best round's pooled validation
-Dice and its ratio to the seed's pooled baseline. Last lines: `dp8_over_pooled_dice=<min>-
-<max>` and `dp8_dice=<min>-<max>` over seeds, for the best (prior, trainable) at ε 8.
-The prior is made once per run by fedrad.pretrain on generated phantoms (no hospital data).
+One line per (seed, mode, prior, trainable, ε or "no-dp"): the best round's pooled
+validation Dice and its ratio to the seed's pooled baseline. Local mode trains the config's
+recipe for --rounds; distributed mode (client.distributed_dp: one noisy gradient per site
+per round, noise shared under secure aggregation) trains DISTRIBUTED plus --distributed-set
+for --distributed-rounds. Last lines: `dp8_over_pooled_dice=<min>-<max>` and
+`dp8_dice=<min>-<max>` over seeds, for the best (mode, prior, trainable) at ε 8.
+`--json FILE` writes every row (what `--record RUN_DIR` puts in a run's registry.json for
+its report). The prior is made once per run by fedrad.pretrain on generated phantoms (no
+hospital data).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,25 +36,63 @@ from common.config import RunConfig  # noqa: E402
 from fedrad.in_memory import load_sites, train_federated, train_pooled  # noqa: E402
 from fedrad.pretrain import pretrain  # noqa: E402
 from fedrad.runs import load_run_config  # noqa: E402
+from server.registry import RunFolder  # noqa: E402
 
 CONFIG = REPO / "configs" / "cxr-lung-seg.toml"
 DATA = REPO.parent / "shared" / "data" / "cxr"
+
+
+# The DP recipes (measured on the real CXR sites, bench/RESULTS.md "Tenth session").
+# Local: the config's recipe at lr 0.01 (0.003, tuned without DP, trailed under noise).
+# Distributed: one full-batch noisy gradient per site per round and FedAvg's SGD step, lr
+# 0.5 for every parameter and 1.0 for the few of norm-bias-head (3.0 diverged).
+LOCAL = {"learning-rate": 0.01}
+DISTRIBUTED = {"dp-mode": "distributed", "dp-sample-rate": 1.0, "local-epochs": 1,
+               "optimizer-state": "fresh", "secagg-enabled": True, "early-stop-patience": 0}
+DISTRIBUTED_LR = {"all": 0.5}  # any other dp-trainable: 1.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One training of the curve."""
+
+    seed: int
+    mode: str
+    start: str
+    trainable: str
+    epsilon: float | None  # None: no DP
+    dice: float
+    pooled: float  # the seed's pooled no-DP baseline
+
+    @property
+    def ratio(self) -> float:
+        return self.dice / self.pooled
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", default="1,4,8,32")
     parser.add_argument("--trainable", default="all,norm-bias-head")
+    parser.add_argument("--modes", default="local,distributed")
+    parser.add_argument("--starts", default="scratch,prior")
     parser.add_argument("--seeds", default="1,2")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--distributed-rounds", type=int, default=40)
     parser.add_argument("--prior-epochs", type=int, default=8)
     parser.add_argument("--prior-patients", type=int, default=60)
     parser.add_argument("--set", action="append", default=[], dest="sets")
+    parser.add_argument("--distributed-set", action="append", default=[],
+                        dest="distributed_sets")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--record", type=Path, default=None, metavar="RUN_DIR")
     args = parser.parse_args()
     torch.set_num_threads(2)
     sets = {**parse_sets(args.sets), "num-rounds": args.rounds, "secagg-enabled": False}
+    recipes = {"local": LOCAL,
+               "distributed": {**DISTRIBUTED, "num-rounds": args.distributed_rounds,
+                               **parse_sets(args.distributed_sets)}}
     epsilons = [float(e) for e in args.epsilons.split(",")]
-    at8: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory() as scratch:
         prior = Path(scratch) / "prior.pt"
         pretrain(RunConfig.from_mapping(load_run_config(CONFIG, sets)), prior, data=None,
@@ -57,29 +103,60 @@ def main() -> None:
             sites = load_sites(config, DATA, Path(scratch) / f"cache-{seed}")
             pooled = train_pooled(config, sites, args.rounds * config.local_epochs).best
             print(f"seed={seed} pooled_no_dp={pooled:.4f}", flush=True)
-            for start in ("scratch", "prior"):
-                for trainable in args.trainable.split(","):
-                    if start == "scratch" and trainable != "all":
-                        continue  # a frozen random network learns nothing worth a row
+            for mode in args.modes.split(","):
+                for start, trainable in _starts(args.starts.split(","),
+                                                args.trainable.split(",")):
                     for epsilon in [None, *epsilons]:
+                        if epsilon is None and mode == "distributed":
+                            continue  # without DP the mode is local training's row
                         values = {**base, "dp-trainable": trainable,
                                   "init-weights": str(prior) if start == "prior" else ""}
                         if epsilon is not None:
                             values.update({"dp-enabled": True, "dp-target-epsilon": epsilon})
+                            if mode == "distributed":
+                                values["learning-rate"] = DISTRIBUTED_LR.get(trainable, 1.0)
+                            values.update(recipes[mode])
                         run = RunConfig.from_mapping(load_run_config(CONFIG, values))
                         dice = train_federated(run, sites).best
                         label = "no-dp" if epsilon is None else f"eps={epsilon:g}"
-                        print(f"seed={seed} start={start} trainable={trainable} {label} "
-                              f"dice={dice:.4f} over_pooled={dice / pooled:.4f}", flush=True)
-                        if epsilon == 8.0:
-                            at8.setdefault((start, trainable), []).append((dice, pooled))
+                        print(f"seed={seed} mode={mode} start={start} trainable={trainable} "
+                              f"{label} dice={dice:.4f} over_pooled={dice / pooled:.4f}",
+                              flush=True)
+                        rows.append(Row(seed, mode, start, trainable, epsilon, dice, pooled))
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(row) for row in rows], indent=1))
+    if args.record is not None:
+        RunFolder(args.record.resolve()).record_dp_curve(
+            curve_points(rows), f"bench/dp_utility.py, seeds {args.seeds}, {DATA.name} sites")
+    at8: dict[tuple[str, str, str], list[Row]] = {}
+    for row in rows:
+        if row.epsilon == 8.0:
+            at8.setdefault((row.mode, row.start, row.trainable), []).append(row)
     if at8:
-        best = max(at8, key=lambda k: sum(d for d, _ in at8[k]) / len(at8[k]))
-        ratios = [d / p for d, p in at8[best]]
-        dices = [d for d, _ in at8[best]]
-        print(f"best_at_eps8=start:{best[0]},trainable:{best[1]}")
+        best = max(at8, key=lambda k: sum(r.dice for r in at8[k]) / len(at8[k]))
+        ratios = [r.ratio for r in at8[best]]
+        dices = [r.dice for r in at8[best]]
+        print(f"best_at_eps8=mode:{best[0]},start:{best[1]},trainable:{best[2]}")
         print(f"dp8_over_pooled_dice={min(ratios):.4f}-{max(ratios):.4f}")
         print(f"dp8_dice={min(dices):.4f}-{max(dices):.4f}")
+
+
+def curve_points(rows: list[Row]) -> list[dict[str, object]]:
+    """Per (mode, start, dp-trainable, ε): the range of the ratio to pooled over seeds."""
+    groups: dict[tuple[str, str, str, float | None], list[float]] = {}
+    for row in rows:
+        groups.setdefault((row.mode, row.start, row.trainable, row.epsilon), []).append(
+            row.ratio)
+    return [{"mode": mode, "start": start, "trainable": trainable, "epsilon": epsilon,
+             "ratio_min": min(ratios), "ratio_max": max(ratios), "seeds": len(ratios)}
+            for (mode, start, trainable, epsilon), ratios in groups.items()]
+
+
+def _starts(starts: list[str], trainables: list[str]) -> list[tuple[str, str]]:
+    """(start, dp-trainable) pairs: from scratch every parameter trains (a frozen random
+    network learns nothing worth a row), from the prior each choice."""
+    return [*((("scratch", "all"),) if "scratch" in starts else ()),
+            *(("prior", t) for t in trainables if "prior" in starts)]
 
 
 if __name__ == "__main__":

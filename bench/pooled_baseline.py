@@ -50,9 +50,10 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def bench_config(config_file: Path, seed: int, sets: dict[str, Any]) -> RunConfig:
-    """The run config of `config_file` at `seed`, without DP or secure aggregation."""
-    return RunConfig.from_mapping(load_run_config(config_file, {**sets, **NO_PRIVACY,
-                                                                "seed": seed}))
+    """The run config of `config_file` at `seed`, without DP or secure aggregation, from
+    scratch unless `sets` names init-weights (a file; the recipes were measured so)."""
+    return RunConfig.from_mapping(load_run_config(config_file, {
+        "init-weights": "", **sets, **NO_PRIVACY, "seed": seed}))  # from scratch by default
 
 
 def main() -> None:

@@ -5,6 +5,10 @@ chest X-ray is another anatomy) moves the image bilinearly and the mask by neare
 neighbour with the same parameters, so a transformed mask stays the mask of the
 transformed image. Then each image gets a contrast (x0.9-1.1) and brightness (+-0.05)
 change. Classification images get the same geometry (their label does not move).
+`augment-intensity = "strong"` randomises the image's appearance further (MONAI's
+RandAdjustContrast gamma 0.5-2, RandGaussianSmooth, RandGaussianNoise, contrast x0.6-1.4
+about the mean): domain randomisation, so that a model trained on generated phantoms
+(fedrad pretrain) meets real radiographs' exposures, sharpness and noise.
 
 Seeded: one `Augmenter` per local training session, seeded from the run's seed and the
 round, draws the same transforms for the same batches. Evaluation never calls it.
@@ -17,9 +21,15 @@ from collections.abc import Hashable
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import RandAffined
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandAffined,
+    RandGaussianNoise,
+    RandGaussianSmooth,
+)
 
-from common.config import AugmentConfig
+from common.config import AugmentConfig, Intensity
 
 _IMAGE, _MASK = "image", "mask"
 
@@ -45,6 +55,14 @@ class Augmenter:
             for masked in (True, False)
         }
         self._generator = torch.Generator().manual_seed(seed)
+        self._appearance = None
+        if settings.intensity is Intensity.STRONG:
+            self._appearance = Compose([
+                RandAdjustContrast(prob=0.8, gamma=(0.5, 2.0)),
+                RandGaussianSmooth(prob=0.5, sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2),
+                                   sigma_z=(0.3, 1.2)),
+                RandGaussianNoise(prob=0.5, mean=0.0, std=0.04),
+            ]).set_random_state(seed)
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -62,11 +80,19 @@ class Augmenter:
             moved_images.append(_plain(out[_IMAGE]).to(images.dtype))
             if masks is not None:
                 moved_masks.append(_plain(out[_MASK]).to(masks.dtype))
+        if self._appearance is not None:
+            moved_images = [_plain(self._appearance(image.clamp(0, 1))).to(images.dtype)
+                            for image in moved_images]
         batch = torch.stack(moved_images)
         shape = (batch.shape[0],) + (1,) * (batch.dim() - 1)
-        contrast = 0.9 + 0.2 * torch.rand(shape, generator=self._generator)
+        if self._appearance is None:
+            contrast = 0.9 + 0.2 * torch.rand(shape, generator=self._generator)
+        else:  # about the image's mean, so the exposure stays where gamma put it
+            contrast = 0.6 + 0.8 * torch.rand(shape, generator=self._generator)
         brightness = 0.1 * torch.rand(shape, generator=self._generator) - 0.05
-        batch = (batch * contrast + brightness).clamp(0, 1).to(device)
+        dims = tuple(range(1, batch.dim()))
+        mean = batch.mean(dim=dims, keepdim=True) if self._appearance is not None else 0.0
+        batch = ((batch - mean) * contrast + mean + brightness).clamp(0, 1).to(device)
         return batch, (torch.stack(moved_masks).to(device) if masks is not None else None)
 
 

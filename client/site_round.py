@@ -113,7 +113,8 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
     algo.set_weights(unpack(global_arrays, algo.get_weights()))
 
     metrics: dict[str, int | float | list[int] | list[float]] = {}
-    noise: float | None = None
+    noise: float | None = None  # σ this site's ledger charges
+    own_noise: float | None = None  # σ of the noise it adds (distributed: its share)
     ledger: PrivacyLedger | None = None
     if config.dp.enabled:
         ledger = PrivacyLedger(site.work_dir / LEDGER_FILE, budget=site.epsilon_budget,
@@ -141,8 +142,7 @@ def train_outcome(*, run_id: int, node_config: dict[str, Any], run_config: dict[
     run = config.resume_from or str(run_id)  # the run folder a resumed run continues
     if kept:  # the moments after this site's previous round of the run, from its disk
         algo.optimizer_state = optimizer_store.load(site.work_dir, run, server_round)
-    result = algo.train(server_round=server_round,
-                        noise_multiplier=None if noise is None else own_noise)
+    result = algo.train(server_round=server_round, noise_multiplier=own_noise)
     if kept and algo.optimizer_state is not None:
         optimizer_store.save(site.work_dir, run, server_round, algo.optimizer_state)
     if ledger is not None and noise is not None:

@@ -135,6 +135,15 @@ class DPConfig:
             raise ConfigError(f"dp-sample-rate must be in (0, 1], got {self.sample_rate}")
 
 
+class Intensity(enum.StrEnum):
+    """The intensity part of augmentation (client.augmentation)."""
+
+    MILD = "mild"  # contrast x0.9-1.1 and brightness +-0.05
+    # domain randomisation: also gamma 0.5-2, Gaussian blur and noise, contrast x0.6-1.4
+    # (what a prior trained on phantoms needs to meet real radiographs)
+    STRONG = "strong"
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Training-only augmentation: a random affine applied to the image and its mask
@@ -145,6 +154,7 @@ class AugmentConfig:
     rotation: float  # degrees, uniform in [-rotation, rotation] (each axis in 3D)
     scale: float  # relative, uniform in [1 - scale, 1 + scale]
     shift: float  # fraction of the image size, uniform in [-shift, shift] per axis
+    intensity: Intensity
 
     def __post_init__(self) -> None:
         if not 0 <= self.probability <= 1:
@@ -311,6 +321,7 @@ class RunConfig:
                 rotation=get.number("augment-rotation"),
                 scale=get.number("augment-scale"),
                 shift=get.number("augment-shift"),
+                intensity=get.choice("augment-intensity", Intensity),
             ),
             val_fraction=get.number("val-fraction"),
             seed=get.integer("seed", minimum=0),
@@ -506,6 +517,7 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "augment-rotation": ("augment", "rotation"),
     "augment-scale": ("augment", "scale"),
     "augment-shift": ("augment", "shift"),
+    "augment-intensity": ("augment", "intensity"),
     "val-fraction": ("val_fraction",),
     "seed": ("seed",),
     "round-timeout": ("round_timeout",),
@@ -564,6 +576,7 @@ _DEFAULTS: dict[str, Any] = {
     "augment-rotation": 5.0,
     "augment-scale": 0.05,
     "augment-shift": 0.05,
+    "augment-intensity": "mild",
     "val-fraction": 0.25,
     "seed": 42,
     "round-timeout": 900.0,

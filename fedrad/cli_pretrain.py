@@ -16,6 +16,10 @@ def pretrain_command(
         "generated phantoms (lung-seg)")] = None,
     patients: Annotated[int, typer.Option(help="Phantom patients per hospital")] = 200,
     epochs: Annotated[int, typer.Option(help="Epochs; the best one is kept")] = 30,
+    randomise: Annotated[bool, typer.Option(
+        help="Domain randomisation (wide affine; gamma, blur, noise, contrast), so a prior "
+        "trained on phantoms transfers to real radiographs; --no-randomise: the config's "
+        "own augmentation")] = True,
 ) -> None:
     """Train the config's model on data that is no hospital's patients (no DP, no ε), for
     `init-weights = OUT`; the provenance goes to OUT.json and into each run's registry."""
@@ -27,7 +31,7 @@ def pretrain_command(
     try:
         run_config = RunConfig.from_mapping(load_run_config(config, {}))
         provenance = pretrain(run_config, out, data=data, patients=patients, epochs=epochs,
-                              say=typer.echo)
+                              randomise=randomise, say=typer.echo)
     except (ConfigError, ModelError, PretrainError, OSError, ValueError) as exc:
         typer.echo(f"no prior written: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -107,6 +107,9 @@ def train_federated(config: RunConfig, sites: dict[str, Algo],
     # the server's starting point: the seeded initial model (or a prior), never what the
     # sites' models hold from an earlier training in this process
     first.model.load_state_dict(build_model(config).state_dict())
+    if config.init_weights == "phantom-prior":
+        raise ValueError("init-weights = \"phantom-prior\" is made at submission "
+                         "(fedrad.pretrain.resolve_prior); pass the file it made")
     if config.init_weights:
         load_pretrained(first.model, Path(config.init_weights).expanduser())
     global_arrays = pack(first.get_weights())

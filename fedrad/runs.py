@@ -63,7 +63,11 @@ class Submitted:
 
 
 def submit(home: ServerHome, values: dict[str, Any]) -> Submitted:
-    """Send the consortium-signed app with this run config to the SuperLink."""
+    """Send the consortium-signed app with this run config to the SuperLink (an
+    init-weights of "phantom-prior" made first: fedrad.pretrain.resolve_prior)."""
+    from fedrad.pretrain import resolve_prior
+
+    values = resolve_prior(values, home.root / "priors")
     RunConfig.from_mapping(values)
     signed = latest(home.consortium, APP_ID)
     if signed is None:

@@ -240,6 +240,14 @@ class RunFolder:
         registry["pooled_baseline"] = {"metric": metric, "score": score, "source": source}
         _write_json(self.root / "registry.json", registry)
 
+    def record_dp_curve(self, points: list[dict[str, Any]], source: str) -> None:
+        """Utility vs ε measured on the consortium's sites (bench/dp_utility.py --record):
+        each point's mode, start, dp-trainable, ε (None: no DP) and range of score ÷ the
+        pooled no-DP baseline over seeds. The report places the run on it."""
+        registry = self.read_json("registry.json")
+        registry["dp_curve"] = {"points": points, "source": source}
+        _write_json(self.root / "registry.json", registry)
+
     def stopped_early(self, after_round: int, best_round: int, patience: int) -> None:
         """Record that the run stopped before num-rounds: no better model in `patience`."""
         registry = self.read_json("registry.json")

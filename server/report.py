@@ -164,6 +164,47 @@ def privacy_lines(config: dict[str, Any], epsilon: dict[str, float],
     return parts
 
 
+def _curve_key(point: dict[str, Any]) -> tuple[str, str, str, float]:
+    epsilon = point.get("epsilon")
+    return (str(point["mode"]), str(point["start"]), str(point["trainable"]),
+            float("inf") if epsilon is None else float(epsilon))
+
+
+def dp_curve_lines(config: dict[str, Any], registry: dict[str, Any]) -> list[str]:
+    """What DP costs in quality: the recorded utility-vs-ε curve (bench/dp_utility.py
+    --record), with the point of this run's settings named."""
+    curve = registry.get("dp_curve")
+    if not config.get("dp-enabled", True):
+        return []
+    if not curve:
+        return ["<p>No utility-vs-ε curve is recorded for this run: "
+                "<code>python bench/dp_utility.py --record RUN_DIR</code> measures what DP "
+                "costs on these sites against pooled training without DP.</p>"]
+    mine = (str(config.get("dp-mode", "local")),
+            "prior" if config.get("init-weights") else "scratch",
+            str(config.get("dp-trainable", "all")),
+            float(config.get("dp-target-epsilon", 0.0)))
+    parts = ["<h2>What DP costs in quality</h2>",
+             f"<p>Best validation score ÷ the pooled no-DP baseline, range over seeds "
+             f"({html.escape(str(curve.get('source', '')))}). This run's settings: "
+             f"{html.escape(' / '.join(str(x) for x in mine[:3]))}, ε {mine[3]:g}"]
+    points = sorted(curve.get("points", []), key=_curve_key)
+    match = [p for p in points if _curve_key(p) == mine]
+    parts[-1] += (f": measured at {match[0]['ratio_min']:.3f}-{match[0]['ratio_max']:.3f} of "
+                  "pooled.</p>" if match else ": not on the recorded curve.</p>")
+    parts.append("<table><tr><th>dp-mode</th><th>start</th><th>dp-trainable</th><th>ε</th>"
+                 "<th>÷ pooled</th></tr>")
+    for point in points:
+        key = _curve_key(point)
+        style = " style='font-weight:bold'" if key == mine else ""
+        epsilon = "no DP" if point.get("epsilon") is None else f"{key[3]:g}"
+        parts.append(f"<tr{style}><td>{html.escape(key[0])}</td><td>{html.escape(key[1])}"
+                     f"</td><td>{html.escape(key[2])}</td><td>{epsilon}</td>"
+                     f"<td>{point['ratio_min']:.3f}-{point['ratio_max']:.3f}</td></tr>")
+    parts.append("</table>")
+    return parts
+
+
 def run_sections(run: RunFolder) -> list[str]:
     """The HTML body of a run's report, from its run folder alone."""
     rounds = run.rounds()
@@ -213,6 +254,7 @@ def run_sections(run: RunFolder) -> list[str]:
             parts.append(f"<tr><td>{html.escape(model)}</td>{scores}</tr>")
         parts.append("</table>")
     parts += privacy_lines(config, epsilon, rounds)
+    parts += dp_curve_lines(config, registry)
     parts.append("<h2>Run configuration</h2><table>")
     for key, value in sorted(config.items()):
         parts.append(f"<tr><td>{html.escape(key)}</td><td>{html.escape(str(value))}</td></tr>")

@@ -27,9 +27,9 @@ def _shapes(n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
 
 
-def _augmenter(seed: int, **changes: float) -> Augmenter:
-    settings = dataclasses.replace(RunConfig.from_mapping({}).augment, probability=1.0,
-                                   rotation=20.0, scale=0.2, shift=0.15, **changes)
+def _augmenter(seed: int, **changes: object) -> Augmenter:
+    settings = dataclasses.replace(RunConfig.from_mapping({}).augment, **{
+        "probability": 1.0, "rotation": 20.0, "scale": 0.2, "shift": 0.15, **changes})
     return Augmenter(settings, spatial_dims=2, image_size=SIZE, seed=seed)
 
 
@@ -82,3 +82,39 @@ def test_evaluation_never_augments() -> None:
         images = algo.val_set.tensors[0]
         assert torch.allclose(logits, algo.model.eval()(images))
     assert loss == first.loss
+
+
+def test_strong_intensity_randomises_appearance_not_the_mask() -> None:
+    """augment-intensity=strong (domain randomisation for phantom priors): the same seed
+    draws the same geometry as mild, so the masks are identical; the images' exposure
+    (gamma, blur, noise, contrast) varies far more, stays in [0, 1] and stays seeded."""
+    from common.config import Intensity
+
+    masks = _shapes(16, seed=4)
+    images = masks * 0.6 + 0.2
+    mild_images, mild_masks = _augmenter(5)(images, masks.clone())
+    strong_images, strong_masks = _augmenter(5, intensity=Intensity.STRONG)(images,
+                                                                            masks.clone())
+    again, _ = _augmenter(5, intensity=Intensity.STRONG)(images, masks.clone())
+    assert mild_masks is not None and strong_masks is not None
+    assert torch.equal(mild_masks, strong_masks)
+    assert torch.equal(strong_images, again)
+    assert 0.0 <= float(strong_images.min()) and float(strong_images.max()) <= 1.0
+    inside = strong_masks > 0.5
+
+    def lung_levels(batch: torch.Tensor) -> torch.Tensor:  # each image's mean lung grey
+        return torch.stack([b[m].mean() for b, m in zip(batch, inside, strict=True)])
+
+    spread = {"mild": float(lung_levels(mild_images).std()),
+              "strong": float(lung_levels(strong_images).std())}
+    assert spread["strong"] > 2 * spread["mild"], spread  # exposures differ per image
+
+    def texture(batch: torch.Tensor) -> float:  # grey-level spread within each lung
+        lungs = masks > 0.5
+        return float(torch.stack([b[m].std() for b, m in zip(batch, lungs, strict=True)])
+                     .mean())
+
+    still = {i: _augmenter(5, probability=0.0, intensity=i)(images, None)[0]
+             for i in Intensity}  # no geometry: each lung one grey level, unless noised
+    assert texture(still[Intensity.MILD]) < 1e-5
+    assert texture(still[Intensity.STRONG]) > 0.01

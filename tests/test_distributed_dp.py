@@ -169,3 +169,31 @@ def test_a_site_refuses_distributed_dp_unless_its_policy_trusts_the_others_noise
     trusting = SitePolicy.from_mapping({"trust-distributed-noise": True})
     assert trusting.violations(config) == []
     assert "trust-distributed-noise=true" in trusting.insecure_settings()
+
+
+def test_the_report_places_the_run_on_the_recorded_utility_curve(tmp_path) -> None:
+    """bench/dp_utility.py --record puts its curve in the run's registry; the report shows
+    it, bold at this run's settings, with the measured ratio named."""
+    import sys
+    from pathlib import Path
+
+    from server.registry import RunFolder
+    from server.report import write_report
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from dp_utility import Row, curve_points
+
+    config = RunConfig.from_mapping({**DISTRIBUTED, "init-weights": "prior.pt"}).to_mapping()
+    run = RunFolder.create(tmp_path / "server", 9, config)
+    assert "No utility-vs-ε curve is recorded" in write_report(run).read_text()
+    rows = [Row(1, "distributed", "prior", "all", 8.0, 0.72, 0.90),
+            Row(2, "distributed", "prior", "all", 8.0, 0.75, 0.92),
+            Row(1, "local", "prior", "all", 8.0, 0.60, 0.90),
+            Row(1, "local", "prior", "all", None, 0.88, 0.90)]
+    points = curve_points(rows)
+    assert len(points) == 3
+    run.record_dp_curve(points, "bench/dp_utility.py, seeds 1,2")
+    text = write_report(run).read_text()
+    low, high = 0.72 / 0.90, 0.75 / 0.92
+    assert f"measured at {min(low, high):.3f}-{max(low, high):.3f} of pooled" in text
+    assert text.count("font-weight:bold") == 1 and "no DP" in text

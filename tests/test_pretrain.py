@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,8 @@ def test_a_prior_loads_through_init_weights_and_says_what_it_saw(prior) -> None:
     assert provenance["data"]["kind"] == "fedrad phantoms"
     assert provenance["data"]["images"] == 3 * 8 * 2
     assert provenance["privacy"].startswith("no hospital data")
+    assert provenance["augment"]["intensity"] == "strong"  # domain randomisation by default
+    assert provenance["augment"]["rotation"] == 15.0
     assert 0 <= provenance["held_out"]["score"] <= 1
     model = build_model(config)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
@@ -92,3 +95,30 @@ def test_the_cli_writes_a_prior(tmp_path) -> None:
     again = subprocess.run([sys.executable, "-m", "fedrad.cli", "pretrain", str(config),
                             "--out", str(tmp_path / "w.pt")], capture_output=True, text=True)
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_a_phantom_prior_named_in_a_config_is_made_once_and_then_reused(
+        tmp_path, monkeypatch) -> None:
+    """init-weights = "phantom-prior" (fedrad.runs.submit resolves it): the first run
+    pretrains into the server home's priors/, the next run of the same architecture reuses
+    the file, another image size gets its own."""
+    from fedrad import pretrain as module
+
+    values = {**SMALL, "init-weights": module.PHANTOM_PRIOR}
+    folder = tmp_path / "priors"
+    resolved = module.resolve_prior(values, folder, patients=4, epochs=1, say=lambda _: None)
+    path = Path(resolved["init-weights"])
+    assert path.parent == folder and path.is_file()
+    config = RunConfig.from_mapping(resolved)
+    assert prior_provenance(config, path)["epochs"] == 1
+    assert sorted(p.name for p in folder.iterdir()) == [path.name, f"{path.name}.json"]
+
+    def refuse(*_, **__):
+        raise AssertionError("pretrained again")
+
+    monkeypatch.setattr(module, "pretrain", refuse)
+    assert module.resolve_prior(values, folder, patients=4, epochs=1) == resolved
+    with pytest.raises(AssertionError, match="pretrained again"):
+        module.resolve_prior({**values, "image-size": 64}, folder, patients=4, epochs=1)
+    other = {**SMALL, "init-weights": "/some/file.pt"}
+    assert module.resolve_prior(other, folder) == other  # anything else passes as it is
