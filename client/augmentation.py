@@ -85,13 +85,13 @@ class Augmenter:
                             for image in moved_images]
         batch = torch.stack(moved_images)
         shape = (batch.shape[0],) + (1,) * (batch.dim() - 1)
+        mean: torch.Tensor | float = 0.0
         if self._appearance is None:
             contrast = 0.9 + 0.2 * torch.rand(shape, generator=self._generator)
         else:  # about the image's mean, so the exposure stays where gamma put it
             contrast = 0.6 + 0.8 * torch.rand(shape, generator=self._generator)
+            mean = batch.mean(dim=tuple(range(1, batch.dim())), keepdim=True)
         brightness = 0.1 * torch.rand(shape, generator=self._generator) - 0.05
-        dims = tuple(range(1, batch.dim()))
-        mean = batch.mean(dim=dims, keepdim=True) if self._appearance is not None else 0.0
         batch = ((batch - mean) * contrast + mean + brightness).clamp(0, 1).to(device)
         return batch, (torch.stack(moved_masks).to(device) if masks is not None else None)
 

@@ -98,7 +98,11 @@ class Trainable(enum.StrEnum):
     NORM_BIAS_HEAD = "norm-bias-head"
 
 
-@dataclass(frozen=True)
+# init-weights value: the config's model pretrained on phantoms, made at submission
+# (fedrad.pretrain.resolve_prior)
+PHANTOM_PRIOR = "phantom-prior"
+
+
 class DPMode(enum.StrEnum):
     """Where DP-SGD's noise is added (client.distributed_dp explains distributed)."""
 

@@ -38,7 +38,7 @@ from client.training import (
     plan_noise_multiplier,
 )
 from common import keys
-from common.config import OptimizerState, RunConfig
+from common.config import PHANTOM_PRIOR, OptimizerState, RunConfig
 from common.models import build_model, load_pretrained
 from common.weights import pack, subtract, unpack
 from server.aggregation import Aggregator, SiteUpdate, UpdatePool
@@ -107,8 +107,8 @@ def train_federated(config: RunConfig, sites: dict[str, Algo],
     # the server's starting point: the seeded initial model (or a prior), never what the
     # sites' models hold from an earlier training in this process
     first.model.load_state_dict(build_model(config).state_dict())
-    if config.init_weights == "phantom-prior":
-        raise ValueError("init-weights = \"phantom-prior\" is made at submission "
+    if config.init_weights == PHANTOM_PRIOR:
+        raise ValueError(f"init-weights = \"{PHANTOM_PRIOR}\" is made at submission "
                          "(fedrad.pretrain.resolve_prior); pass the file it made")
     if config.init_weights:
         load_pretrained(first.model, Path(config.init_weights).expanduser())

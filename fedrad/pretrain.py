@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 from common import keys
-from common.config import AugmentConfig, Intensity, RunConfig, Task, Trainable
+from common.config import (
+    PHANTOM_PRIOR,
+    AugmentConfig,
+    Intensity,
+    RunConfig,
+    Task,
+    Trainable,
+)
 from common.models import architecture, provenance_path
 from common.weights import from_arrays, plain_state_dict
 from fedrad.in_memory import load_sites, train_pooled
@@ -103,7 +110,6 @@ def pretrain(config: RunConfig, out: Path, *, data: Path | None, patients: int,
     return provenance
 
 
-PHANTOM_PRIOR = "phantom-prior"  # init-weights value: made on the coordinator's side
 PRIOR_PATIENTS, PRIOR_EPOCHS = 60, 8  # what bench/dp_utility.py measured the prior with
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunConfig
+from common.config import PHANTOM_PRIOR, ConfigError, RunConfig
 from fedrad import processes as proc
 from fedrad.app_registry import latest
 from fedrad.server_node import ServerHome
@@ -65,9 +65,10 @@ class Submitted:
 def submit(home: ServerHome, values: dict[str, Any]) -> Submitted:
     """Send the consortium-signed app with this run config to the SuperLink (an
     init-weights of "phantom-prior" made first: fedrad.pretrain.resolve_prior)."""
-    from fedrad.pretrain import resolve_prior
+    if values.get("init-weights") == PHANTOM_PRIOR:  # torch is imported only then
+        from fedrad.pretrain import resolve_prior
 
-    values = resolve_prior(values, home.root / "priors")
+        values = resolve_prior(values, home.root / "priors")
     RunConfig.from_mapping(values)
     signed = latest(home.consortium, APP_ID)
     if signed is None:

@@ -14,6 +14,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from common import keys
 from server.registry import RunFolder
 
 Points = list[tuple[int, float]]
@@ -144,7 +145,7 @@ def privacy_lines(config: dict[str, Any], epsilon: dict[str, float],
     the σ of the secure sum (charged to the sites' budgets) and each site's own share."""
     parts = ["<h2>Privacy spent per site</h2>"]
     floor = {site: points[-1][1] for site, points in
-             _series(rounds, "train", "epsilon-run-own-noise").items()}
+             _series(rounds, "train", keys.EPSILON_FLOOR).items()}
     distributed = config.get("dp-mode") == "distributed"
     if distributed:
         parts.append(
@@ -173,9 +174,9 @@ def _curve_key(point: dict[str, Any]) -> tuple[str, str, str, float]:
 def dp_curve_lines(config: dict[str, Any], registry: dict[str, Any]) -> list[str]:
     """What DP costs in quality: the recorded utility-vs-ε curve (bench/dp_utility.py
     --record), with the point of this run's settings named."""
-    curve = registry.get("dp_curve")
     if not config.get("dp-enabled", True):
         return []
+    curve = registry.get("dp_curve")
     if not curve:
         return ["<p>No utility-vs-ε curve is recorded for this run: "
                 "<code>python bench/dp_utility.py --record RUN_DIR</code> measures what DP "

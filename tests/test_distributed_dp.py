@@ -112,6 +112,36 @@ def test_the_ledger_records_the_sums_guarantee_and_the_sites_own_floor(
     assert metrics[keys.EPSILON_FLOOR] > 1.5 * metrics[keys.EPSILON_ROUND]  # σ/√3 alone
 
 
+def test_what_a_site_sends_carries_its_share_of_sigma_not_all_of_it(
+        phantom_sites, tmp_path) -> None:
+    """Through the site's own round code: two rounds from the same global weights at
+    q = 1 differ only by their noise, so the difference of the two (dequantised) masked
+    updates has std √2·lr·(σ/√K)·C / (q·P), P the site's FedAvg weight."""
+    from common.masking import dequantise
+
+    run_config = {**DISTRIBUTED, "batch-size": 8, "learning-rate": 1.0}
+    config = RunConfig.from_mapping(run_config)
+    node_config = {"site-id": "hospital-a", "data-dir": str(phantom_sites["hospital-a"]),
+                   "work-dir": str(tmp_path / "work"), "epsilon-budget": 50.0,
+                   "threads": 1}
+    arrays = pack(to_arrays(plain_state_dict(build_model(config))))
+    sent, sigma = [], 0.0
+    for server_round in (1, 2):
+        out = site_round.train_outcome(run_id=7, node_config=node_config,
+                                       run_config=run_config, global_arrays=arrays,
+                                       server_round=server_round, masked=True)
+        update, weight = dequantise(out["quantised"],
+                                    clipping_range=config.secagg.clipping_range,
+                                    quantization_range=config.secagg.quantization_range,
+                                    max_weight=config.secagg.max_weight)
+        sent.append(update.astype(np.float64))
+        sigma = out["metrics"][keys.NOISE_MULTIPLIER]
+    share = sigma / math.sqrt(3) * config.dp.max_grad_norm / weight  # lr 1, q 1
+    difference = sent[1] - sent[0]
+    assert len(difference) > 50_000
+    assert abs(float(difference.std()) / (math.sqrt(2) * share) - 1) < 0.03
+
+
 def test_a_server_asking_for_a_distributed_update_in_the_clear_is_refused(
         phantom_sites, tmp_path) -> None:
     """The attack: an unmasked request in a distributed-DP run would get one site's
