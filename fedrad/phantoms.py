@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,19 @@ SITE_STYLES = (
 )
 
 
+def posed_grid(rng: np.random.Generator, size: int, *, degrees: float,
+               scales: tuple[float, float], shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Film coordinates (y, x) in [0, 1] of a patient rotated by up to `degrees`, scaled
+    within `scales` and shifted by up to `shift` (drawn from `rng` in that order)."""
+    angle = np.deg2rad(rng.uniform(-degrees, degrees))
+    scale = rng.uniform(*scales)
+    shift_y, shift_x = rng.uniform(-shift, shift, 2)
+    grid = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    yy = (np.cos(angle) * grid[0] - np.sin(angle) * grid[1]) / scale - shift_y + 0.5
+    xx = (np.sin(angle) * grid[0] + np.cos(angle) * grid[1]) / scale - shift_x + 0.5
+    return yy, xx
+
+
 def chest_phantom(rng: np.random.Generator, size: int, nodule: bool) -> tuple[
     np.ndarray, np.ndarray
 ]:
@@ -68,13 +82,7 @@ def chest_phantom(rng: np.random.Generator, size: int, nodule: bool) -> tuple[
     tissue, a posed (rotated, shifted, scaled) patient, and per-image exposure (contrast,
     gamma) and noise.
     """
-    angle = np.deg2rad(rng.uniform(-6, 6))
-    scale = rng.uniform(0.92, 1.06)
-    shift_y, shift_x = rng.uniform(-0.04, 0.04, 2)
-    grid = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    yy0 = (np.cos(angle) * grid[0] - np.sin(angle) * grid[1]) / scale - shift_y + 0.5
-    xx0 = (np.sin(angle) * grid[0] + np.cos(angle) * grid[1]) / scale - shift_x + 0.5
-    yy, xx = yy0, xx0
+    yy, xx = posed_grid(rng, size, degrees=6, scales=(0.92, 1.06), shift=0.04)
     body = ((xx - 0.5) / rng.uniform(0.40, 0.46)) ** 2 + ((yy - 0.54) / 0.50) ** 2 <= 1
     img = np.where(body, 0.50, 0.04).astype(np.float32)
     img += body * 0.12 * np.clip(1 - np.abs(xx - 0.5) / 0.45, 0, 1)  # soft tissue
@@ -223,9 +231,16 @@ def export_paths(style: SiteStyle, root: Path, image, seq: int) -> tuple[Path, P
     return folder / f"{image.SOPInstanceUID}.dcm", folder / f"seg-{image.SOPInstanceUID}.dcm"
 
 
+Anatomy = Callable[[np.random.Generator, int, bool], tuple[np.ndarray, np.ndarray]]
+"""Draws one image in [0, 1] and its lung mask: (rng, size, nodule) -> (image, mask)."""
+
+
 def write_site(root: Path, style: SiteStyle, *, patients: int, images_per_patient: int,
-               size: int, seed: int, nodule_rate: float = 0.4) -> int:
-    """Write one hospital's export under `root`; return the number of images."""
+               size: int, seed: int, nodule_rate: float = 0.4,
+               anatomy: Anatomy = chest_phantom) -> int:
+    """Write one hospital's export under `root`; return the number of images. `anatomy`
+    draws the images (default the demo's `chest_phantom`; fedrad.radiographs for a
+    prior)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
@@ -245,7 +260,7 @@ def write_site(root: Path, style: SiteStyle, *, patients: int, images_per_patien
         for _ in range(images_per_patient):
             seq += 1
             nodule = bool(rng.random() < nodule_rate)
-            pixels, mask = chest_phantom(rng, size, nodule)
+            pixels, mask = anatomy(rng, size, nodule)
             image = image_dataset(style, rng, patient, pixels, study_uid, seq)
             image_path, seg_path = export_paths(style, root, image, seq)
             image_path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,13 +283,14 @@ def write_site(root: Path, style: SiteStyle, *, patients: int, images_per_patien
 
 
 def write_consortium(root: Path, *, patients: int = 12, images_per_patient: int = 2,
-                     size: int = 128, seed: int = 0) -> dict[str, Path]:
+                     size: int = 128, seed: int = 0,
+                     anatomy: Anatomy = chest_phantom) -> dict[str, Path]:
     """Write every built-in hospital under `root`; return {site name: folder}."""
     sites: dict[str, Path] = {}
     for index, style in enumerate(SITE_STYLES):
         folder = root / style.name
         write_site(folder, style, patients=patients, images_per_patient=images_per_patient,
-                   size=size, seed=seed * 100 + index)
+                   size=size, seed=seed * 100 + index, anatomy=anatomy)
         sites[style.name] = folder
     return sites
 

@@ -1,10 +1,11 @@
 """`fedrad pretrain`: a prior for a run's model that costs no hospital any privacy.
 
 The coordinator trains the run config's model centrally, without DP, on data that is no
-hospital's patients: the project's generated phantoms (fedrad.phantoms, lung-seg), or a
-folder of site folders the consortium may pool (public data, e.g. PneumoniaMNIST written
-by fedrad.pneumonia_sites). The best epoch on that data's own held-out part is written
-as a plain state dict (what `init-weights` loads) with a provenance file beside it:
+hospital's patients: the project's phantom radiographs (fedrad.radiographs, written as
+three hospitals by fedrad.phantoms; lung-seg), or a folder of site folders the
+consortium may pool (public data, e.g. PneumoniaMNIST written by fedrad.pneumonia_sites).
+The best epoch on that data's own held-out part is written as a plain state dict (what
+`init-weights` loads) with a provenance file beside it:
 
   <out>        the state dict (torch.save; torch.load(..., weights_only=True))
   <out>.json   what it is: the architecture (MONAI class and arguments), the data it saw,
@@ -49,8 +50,8 @@ def randomised(settings: AugmentConfig) -> AugmentConfig:
     """Domain randomisation for a prior: every image augmented, a wider affine (15°, 15 %
     scale, 10 % shift, or the config's if wider) and strong intensity (gamma, blur, noise,
     contrast; client.augmentation). Measured once on the real CXR sites (bench/RESULTS.md,
-    tenth session): the phantom prior alone scored Dice 0.51 with the recipe's mild
-    augmentation, 0.56 with strong intensity, 0.62 with both."""
+    tenth session, on the demo's phantoms): the prior alone scored Dice 0.51 with the
+    recipe's mild augmentation, 0.56 with strong intensity, 0.62 with both."""
     return dataclasses.replace(settings, enabled=True, probability=1.0,
                                rotation=max(settings.rotation, 15.0),
                                scale=max(settings.scale, 0.15),
@@ -77,11 +78,14 @@ def pretrain(config: RunConfig, out: Path, *, data: Path | None, patients: int,
     with tempfile.TemporaryDirectory(prefix="fedrad-pretrain-") as scratch:
         if data is None:
             from fedrad.phantoms import write_consortium
+            from fedrad.radiographs import ANATOMY, radiograph
 
             data = Path(scratch) / "phantoms"
-            say(f"generating {patients} phantom patients x 2 images x 3 hospitals")
-            write_consortium(data, patients=patients, images_per_patient=2, seed=1234)
-            source = {"kind": "fedrad phantoms", "patients_per_site": patients, "seed": 1234}
+            say(f"generating {patients} phantom patients x 2 radiographs x 3 hospitals")
+            write_consortium(data, patients=patients, images_per_patient=2, seed=1234,
+                             anatomy=radiograph)
+            source = {"kind": "fedrad phantoms", "anatomy": ANATOMY,
+                      "patients_per_site": patients, "seed": 1234}
         else:
             source = {"kind": "pooled site folders", "folder": data.name}
         sites = load_sites(central, data, Path(scratch) / "cache")
@@ -124,8 +128,11 @@ def resolve_prior(values: dict[str, Any], folder: Path, *, patients: int = PRIOR
         return values
     config = RunConfig.from_mapping({**values, "init-weights": ""})
     network, kwargs = architecture(config)
+    from fedrad.radiographs import ANATOMY
+
     key = json.dumps([f"{network.__module__}.{network.__name__}", kwargs, config.task.value,
-                      config.image_size, patients, epochs], sort_keys=True, default=str)
+                      config.image_size, patients, epochs, ANATOMY], sort_keys=True,
+                     default=str)
     path = folder / f"phantom-prior-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if not path.exists():
         say(f"init-weights = \"{PHANTOM_PRIOR}\": pretraining {path.name} on phantoms "

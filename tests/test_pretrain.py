@@ -32,6 +32,7 @@ def test_a_prior_loads_through_init_weights_and_says_what_it_saw(prior) -> None:
     config = RunConfig.from_mapping({**SMALL, "init-weights": str(out)})
     assert prior_provenance(config, out) == provenance
     assert provenance["data"]["kind"] == "fedrad phantoms"
+    assert provenance["data"]["anatomy"] == "radiograph/1"  # fedrad.radiographs' films
     assert provenance["data"]["images"] == 3 * 8 * 2
     assert provenance["privacy"].startswith("no hospital data")
     assert provenance["augment"]["intensity"] == "strong"  # domain randomisation by default
