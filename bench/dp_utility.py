@@ -130,15 +130,15 @@ def main() -> None:
             base = {**sets, "seed": seed, "dp-enabled": False}
             config = RunConfig.from_mapping(load_run_config(
                 config_file, {**base, **NO_DP[args.task]}))
-            metric = "dice" if keys.headline_metric(config.task) == keys.EVAL_DICE else "auroc"
+            headline = keys.headline_metric(config.task)
+            metric = "dice" if headline == keys.EVAL_DICE else "auroc"
             sites = load_sites(config, data, Path(scratch) / f"cache-{seed}")
             pooled = train_pooled(config, sites, args.rounds * config.local_epochs).best
             print(f"seed={seed} pooled_no_dp={pooled:.4f}", flush=True)
             if "prior" in starts:  # where every start from the prior begins
                 algo = next(iter(sites.values()))
                 load_pretrained(algo.model, prior)
-                alone = pooled_score(sites, algo.get_weights(), keys.headline_metric(
-                    config.task))
+                alone = pooled_score(sites, algo.get_weights(), headline)
                 print(f"seed={seed} prior_alone={alone:.4f} over_pooled={alone / pooled:.4f}",
                       flush=True)
             for mode in args.modes.split(","):

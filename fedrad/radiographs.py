@@ -16,8 +16,10 @@ draws those:
   gamma and noise per image.
 
 Geometry is in units of the image side; every draw comes from `rng`, so a seed gives
-the same films. No hospital's image or statistic went into it: the shapes are textbook
-anatomy (the proportions were checked by eye against public radiographs).
+the same films. No pixel or statistic of any site is computed into it: the shapes are
+textbook anatomy, drawn by eye against the public benchmark films of ../shared/data/cxr,
+and the generator was compared once on that benchmark's validation patients
+(bench/RESULTS.md, eleventh session), which a consortium should not do on its own.
 """
 
 from __future__ import annotations
