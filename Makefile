@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedrad-installed
 
-.PHONY: demo test lint install clean browser
+.PHONY: demo test lint install clean browser pacs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,14 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
-test: lint browser
+# A real PACS for the DICOMweb tests: Debian's Orthanc + DICOMweb plugin, nginx for HTTPS.
+pacs:
+	@{ command -v Orthanc && command -v nginx && \
+	   test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so; } >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends orthanc orthanc-dicomweb nginx-light; }
+
+test: lint browser pacs
 	$(BIN)/pytest -q --durations=12 $(ARGS)
 
 clean:

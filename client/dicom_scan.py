@@ -38,7 +38,8 @@ IMAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT",
     "1.2.840.10008.5.1.4.1.1.4": "MR",
 }
-NON_DICOM_NAMES = {"labels.csv", "SOURCES.csv"}
+PULL_RECORD = ".fedrad-pull.json"  # written by `fedrad site pull` beside what it pulled
+NON_DICOM_NAMES = {"labels.csv", "SOURCES.csv", PULL_RECORD}
 BURNED_IN_ANNOTATION = 0x00280301
 # Header fields whose values identify a person or a visit: the person- and visit-
 # identifying attributes of DICOM's Basic Application Level Confidentiality Profile

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from fedrad.cli_pacs import CaBundle, Credentials, StudyFilter, pull_command
 from fedrad.cli_pretrain import pretrain_command
 from fedrad.cli_runs import (
     evaluate_command,
@@ -33,6 +34,7 @@ app.command("evaluate")(evaluate_command)
 app.command("predict")(predict_command)
 app.command("report")(report_command)
 app.command("pretrain")(pretrain_command)
+site_app.command("pull")(pull_command)
 
 
 @consortium_app.command("init")
@@ -379,7 +381,9 @@ def site_start(
 
     from common.config import ConfigError
     from fedrad.kit import KitError, open_kit
+    from fedrad.pacs import PacsError
     from fedrad.site_node import read_passphrase, start_site
+    from fedrad.site_pull import refresh_from_node_config
 
     values: dict[str, object] = {}
     if config is not None:
@@ -392,6 +396,7 @@ def site_start(
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items()
                    if v is not None})
     try:
+        values = refresh_from_node_config(values, say=typer.echo)
         opened = open_kit(kit, read_passphrase(passphrase_file))
         values.setdefault("site-id", opened.info["site"])
         missing = sorted({"data-dir", "work-dir", "epsilon-budget"} - set(values))
@@ -407,6 +412,9 @@ def site_start(
                           warm_launcher=warm_launcher)
     except KitError as exc:
         raise typer.BadParameter(str(exc), param_hint="--kit") from exc
+    except PacsError as exc:
+        typer.echo(f"site not started: {exc} (instances already pulled are kept)", err=True)
+        raise typer.Exit(1) from exc
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config/--data/--work-dir") from exc
     raise typer.Exit(code)
@@ -429,8 +437,14 @@ def site_worker(
 
 @site_app.command("check")
 def site_check(
-    data: Annotated[Path, typer.Option(help="The site's DICOM export folder")],
+    data: Annotated[Path, typer.Option(help="The site's DICOM export folder (with "
+                                            "--dicomweb: the folder to pull into)")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    dicomweb: Annotated[str | None, typer.Option(
+        "--dicomweb", help="Pull from this PACS' DICOMweb root into --data first")] = None,
+    credentials: Credentials = None,
+    ca_bundle: CaBundle = None,
+    study_filter: StudyFilter = None,
     labels: Annotated[Path | None,
                       typer.Option(help="labels CSV (default: DATA/labels.csv)")] = None,
     labels_key: Annotated[str, typer.Option(
@@ -440,6 +454,18 @@ def site_check(
     """What this site can train on; exits non-zero only when nothing usable was found."""
     from client.site_check import check_site
 
+    if dicomweb is not None:
+        from fedrad.pacs import PacsConnection, PacsError
+        from fedrad.site_pull import parse_filters, pull
+
+        try:
+            pull(PacsConnection(dicomweb, credentials, ca_bundle), data,
+                 filters=parse_filters(study_filter or []),
+                 labels=labels, say=lambda line: typer.echo(line, err=True))
+        except PacsError as exc:
+            typer.echo(f"site check stopped: {exc} (instances already pulled are kept)",
+                       err=True)
+            raise typer.Exit(1) from exc
     if not data.is_dir():
         raise typer.BadParameter(f"{data} is not a folder", param_hint="--data")
     from client.labels import LabelsError
