@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from fedrad.cli_pacs import CaBundle, Credentials
+
 run_app = typer.Typer(help="Launch and watch runs on the consortium's SuperLink.",
                       no_args_is_help=True)
 models_app = typer.Typer(help="Global models in the run folders: list, show, export.",
@@ -293,36 +295,75 @@ def evaluate_command(
 def predict_command(
     model: Annotated[str, typer.Argument(help="An exported model folder, or RUN[:ROUND|:best] "
                                               "(with --consortium)")],
-    study: Annotated[Path, typer.Argument(help="One DICOM study folder")],
-    out: Annotated[Path, typer.Option(help="Folder for SEG files / results.json / overlays")],
+    study: Annotated[Path | None, typer.Argument(
+        help="One DICOM study folder (or --dicomweb with --study)")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for SEG/SR files, results.json, "
+                                           "overlays")] = Path("prediction"),
     verify_key: VerifyKey = None,
     consortium: RegistryConsortium = None,
     state_dir: StateDir = None,
+    dicomweb: Annotated[str | None, typer.Option(
+        "--dicomweb", help="Read the study from this PACS' DICOMweb root and store the "
+        "SEG/SR results back into it (STOW-RS)")] = None,
+    study_uid: Annotated[str | None, typer.Option(
+        "--study", help="StudyInstanceUID of the study in the PACS (with --dicomweb)")] = None,
+    credentials: Credentials = None,
+    ca_bundle: CaBundle = None,
+    as_json: AsJson = False,
 ) -> None:
-    """Segmentation as DICOM SEG, classification as results.json keyed by the study's
-    UIDs, plus an overlay PNG per image; refuses a model whose signature does not verify."""
-    from fedrad.evaluation import EvaluationError, load_model
-    from fedrad.predict import predict_study
+    """Segmentation as DICOM SEG, classification as DICOM SR, plus results.json keyed by
+    the study's UIDs and an overlay PNG per image; with --dicomweb, stored back into the
+    PACS. Refuses a model whose signature does not verify."""
+    import tempfile
 
-    errors: tuple[type[Exception], ...] = (*_errors(), EvaluationError, OSError)
+    from fedrad.evaluation import EvaluationError, load_model
+    from fedrad.pacs import PacsConnection, PacsError, store
+    from fedrad.predict import predict_study, result_files
+    from fedrad.site_pull import pull
+
+    errors: tuple[type[Exception], ...] = (*_errors(), EvaluationError, PacsError, OSError)
     home = _home(consortium, state_dir).root if consortium else None
     try:
-        if not study.is_dir():
-            raise EvaluationError(f"{study} is not a folder; give the study's DICOM folder")
+        if (dicomweb is None) == (study is None) or (dicomweb is None) != (study_uid is None):
+            raise EvaluationError("give a study folder, or --dicomweb URL with --study UID")
+        if out.exists() and any(out.iterdir()):
+            raise EvaluationError(f"--out {out} is not empty; choose a new folder")
         loaded = load_model(model, server_home=home, verify_key=verify_key)
-        results = predict_study(loaded, study, out)
+        if dicomweb is None:
+            assert study is not None  # checked above
+            if not study.is_dir():
+                raise EvaluationError(f"{study} is not a folder; give the study's DICOM folder")
+            results = predict_study(loaded, study, out)
+        else:
+            connection = PacsConnection(dicomweb, credentials, ca_bundle)
+            with tempfile.TemporaryDirectory(prefix="fedrad-study-") as scratch:
+                fetched = pull(connection, Path(scratch),
+                               filters={"StudyInstanceUID": str(study_uid)})
+                if fetched.new == 0:
+                    raise EvaluationError(f"{dicomweb} has no study {study_uid}")
+                results = predict_study(loaded, Path(scratch), out)
+            results["stored"] = {"pacs": dicomweb,
+                                 "sop_instance_uids": store(connection,
+                                                            result_files(out, results))}
+            (out / "results.json").write_text(json.dumps(results, indent=1))
     except errors as exc:
         raise _fail(f"no prediction with model {model}", exc) from exc
+    if as_json:
+        typer.echo(json.dumps(results))
+        return
     for number, image in enumerate(results["images"], start=1):
         if "labels" in image:
             calls = ", ".join(f"{label} {v['probability']:.2f}{' +' if v['positive'] else ''}"
                               for label, v in image["labels"].items())
-            typer.echo(f"image {number}: {calls}")
+            typer.echo(f"image {number}: {calls} ({image['sr_file']})")
         else:
             typer.echo(f"image {number}: {image['seg_file']} (lung "
                        f"{image['foreground_fraction']:.0%} of the image)")
     for skipped in results["skipped"]:
         typer.echo(f"skipped {skipped['file']}: {skipped['reason']}")
+    if "stored" in results:
+        typer.echo(f"stored {len(results['stored']['sop_instance_uids'])} result object(s) "
+                   f"in {dicomweb}")
     typer.echo(f"results in {out}")
 
 

@@ -123,3 +123,26 @@ def call(connection: PacsConnection, what: str, request: Callable[[], T]) -> T:
                             f"--credentials ({connection.credentials})") from exc
         raise PacsError(f"{connection.url}: the PACS answered HTTP {status} while {what}"
                         ) from exc
+
+
+def store(connection: PacsConnection, paths: list[Path]) -> list[str]:
+    """STOW-RS `paths` in one request; the SOP Instance UIDs the PACS says it stored.
+    Anything it refused (or left out of its answer) is an error that names them."""
+    import pydicom
+
+    client = open_client(connection)
+    datasets = [pydicom.dcmread(path) for path in paths]
+    response = call(connection, f"storing {len(paths)} result object(s) (STOW-RS)",
+                    lambda: client.store_instances(datasets))
+    stored = [str(item.ReferencedSOPInstanceUID)
+              for item in response.get("ReferencedSOPSequence", [])]
+    refused = {str(item.ReferencedSOPInstanceUID): int(item.get("FailureReason", 0))
+               for item in response.get("FailedSOPSequence", [])}
+    missing = [str(d.SOPInstanceUID) for d in datasets
+               if str(d.SOPInstanceUID) not in stored and str(d.SOPInstanceUID) not in refused]
+    if refused or missing:
+        raise PacsError(f"{connection.url}: the PACS refused {len(refused) + len(missing)} of "
+                        f"{len(paths)} result object(s) (failure reasons {refused}, "
+                        f"unanswered {missing}); it stored {stored}. The files are kept "
+                        f"in {paths[0].parent}")
+    return stored

@@ -1,11 +1,12 @@
 """`fedrad predict`: a registry model on one DICOM study at the hospital, results back to
 PACS.
 
-Segmentation → one DICOM SEG per image (highdicom: BINARY, segment "Lung", algorithm
-AUTOMATIC, referencing its source image), at the image's own size.
-Classification → results.json keyed by the study's UIDs (StudyInstanceUID, and each
-image's SeriesInstanceUID / SOPInstanceUID) with a probability and a call per label.
-Both → a Grad-CAM (classification) or mask (segmentation) overlay PNG per image.
+Segmentation → one DICOM SEG per image; classification → one DICOM SR (TID 1500
+measurement report) per image with a probability and a call per label
+(fedrad.dicom_results). Both → results.json keyed by the study's UIDs (StudyInstanceUID,
+and each image's SeriesInstanceUID / SOPInstanceUID) and a Grad-CAM (classification) or
+mask (segmentation) overlay PNG per image. `push` stores the SEG/SR objects into the PACS
+the study came from (STOW-RS), all in one request once every file is written.
 
 The model is used only once its consortium signature verifies (fedrad.evaluation's
 load_model). A file that is not a usable image is reported and skipped; results.json
@@ -20,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import torch
 from pydicom.errors import InvalidDicomError
-from pydicom.sr.codedict import codes
 
 from client.pixels import PixelError, projection_pixels, resize_area
 from common.config import Task
+from fedrad.dicom_results import classification_sr, lung_seg
 from fedrad.evaluation import EvaluationError, LoadedModel
 from fedrad.saliency import gradcam, overlay_png
 
@@ -80,47 +80,21 @@ def read_study(study: Path, model: LoadedModel) -> tuple[list[StudyImage], list[
     return images, skipped
 
 
-def _seg(image: StudyImage, mask: np.ndarray, model: LoadedModel, number: int
-         ) -> hd.seg.Segmentation:
-    ds = image.dataset
-    full = _to_shape(mask, ds)
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="fedrad", version=model.name, family=codes.cid7162.ArtificialIntelligence)
-    segment = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="Lung",
-        segmented_property_category=codes.SCT.AnatomicalStructure,
-        segmented_property_type=codes.SCT.Lung,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm)
-    return hd.seg.Segmentation(
-        source_images=[ds], pixel_array=full[None].astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=900 + number,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="fedrad",
-        manufacturer_model_name=f"fedrad model {model.name}", software_versions="fedrad",
-        device_serial_number="fedrad", series_description="fedrad lung segmentation",
-        pixel_measures=_pixel_measures(ds))
-
-
-def _to_shape(mask: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
-    """The model-size mask at the image's Rows x Columns (nearest neighbour)."""
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    size = mask.shape[0]
-    return mask[(np.arange(rows) * size) // rows][:, (np.arange(cols) * size) // cols]
-
-
-def _pixel_measures(ds: pydicom.Dataset) -> hd.PixelMeasuresSequence | None:
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    if not spacing:
-        return None
-    return hd.PixelMeasuresSequence(pixel_spacing=[float(v) for v in spacing],
-                                    slice_thickness=1.0)
-
-
 @torch.no_grad()
 def _outputs(model: LoadedModel, images: list[StudyImage]) -> np.ndarray:
     batch = torch.from_numpy(np.stack([i.pixels[None] for i in images]).astype(np.float32))
     return torch.sigmoid(model.module(batch)).numpy()
+
+
+def _save(result: pydicom.Dataset, path: Path, kind: str) -> dict[str, str]:
+    result.save_as(path, enforce_file_format=True)
+    return {f"{kind}_file": path.name, f"{kind}_sop_instance_uid": str(result.SOPInstanceUID)}
+
+
+def result_files(out: Path, results: dict[str, Any]) -> list[Path]:
+    """The DICOM objects (SEG or SR) a prediction wrote into `out`."""
+    return [out / image[key] for image in results["images"]
+            for key in ("seg_file", "sr_file") if key in image]
 
 
 def predict_study(model: LoadedModel, study: Path, out: Path) -> dict[str, Any]:
@@ -147,13 +121,15 @@ def predict_study(model: LoadedModel, study: Path, out: Path) -> dict[str, Any]:
             heat = gradcam(model.module, model.config.model, image.pixels[None], top)
             png = overlay_png(image.pixels, heat, f"Grad-CAM: {model.config.labels[top]} "
                                                   f"p={output[top]:.2f}")
+            sr = classification_sr(image.dataset, {k: v["probability"]
+                                                   for k, v in entry["labels"].items()},
+                                   threshold, model.name, number)
+            entry.update(_save(sr, out / f"sr-{number:03d}.dcm", "sr"))
         else:
             mask = output[0] > threshold
-            seg = _seg(image, mask, model, number)
-            seg_name = f"seg-{number:03d}.dcm"
-            seg.save_as(out / seg_name)
-            entry.update({"seg_file": seg_name, "seg_sop_instance_uid": str(seg.SOPInstanceUID),
-                          "foreground_fraction": float(mask.mean())})
+            seg = lung_seg(image.dataset, mask, model.name, number)
+            entry.update(_save(seg, out / f"seg-{number:03d}.dcm", "seg"))
+            entry["foreground_fraction"] = float(mask.mean())
             png = overlay_png(image.pixels, mask.astype(np.float32),
                               f"predicted lung ({mask.mean():.0%} of image)", mask=True)
         overlay = f"overlay-{number:03d}.png"

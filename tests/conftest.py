@@ -53,3 +53,55 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     yield
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+EXPORT_BASE = {"image-size": 32, "num-rounds": 2, "min-sites": 3, "min-train-sites": 3,
+        "local-epochs": 2, "batch-size": 4, "learning-rate": 0.01, "dp-enabled": False,
+        "secagg-enabled": False, "augment": False}
+EXPORT_TASKS = {"seg": {"task": "lung-seg", "model": "unet"},
+         "cls": {"task": "cxr-classify", "model": "densenet121", "labels": "label_nodule",
+                 "num-rounds": 1}}
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, phantom_sites):
+    """One federated model per task, trained in process and exported by the CLI (used by
+    the evaluate/predict tests and the PACS push tests)."""
+    import subprocess
+    import sys
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrad import processes as proc
+    from tests.inprocess import (
+        BASELINE_POLICY,
+        InProcessGrid,
+        real_site,
+        run_server,
+        signing_keys,
+    )
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    tmp = tmp_path_factory.mktemp("evaluate")
+    consortium = tmp / "consortium"
+    consortium.mkdir()
+    private, public = signing_keys(consortium)
+    out = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for run_id, (name, settings) in enumerate(EXPORT_TASKS.items(), start=1):
+            config = {**EXPORT_BASE, **settings}
+            sites = {n: real_site(n, f"site-{n}", phantom_sites[h], tmp / name / f"s{n}",
+                                  public, config, run_id, policy=BASELINE_POLICY)
+                     for n, h in {1: "hospital-a", 2: "hospital-b", 3: "hospital-c"}.items()}
+            run_server(InProcessGrid(sites), config, consortium / "server", private,
+                       monkeypatch, run_id=run_id)
+            folder = tmp / f"export-{name}"
+            result = subprocess.run([sys.executable, "-m", "fedrad.cli", "models", "export",
+                                     str(run_id), "--out", str(folder), "--consortium",
+                                     str(consortium)],
+                                    capture_output=True, text=True, check=False,
+                                    env=proc.child_env({}))
+            assert result.returncode == 0, result.stdout + result.stderr
+            out[name] = folder
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+    return {"folders": out, "public": public, "tmp": tmp}

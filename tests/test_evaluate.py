@@ -14,48 +14,11 @@ import torch
 from client.dataset import DataSpec, load_site_dataset
 from common.config import Task
 from fedrad import processes as proc
+from fedrad.dicom_results import read_probabilities
 from fedrad.model_registry import load_exported
-from tests.inprocess import BASELINE_POLICY, InProcessGrid, real_site, run_server, signing_keys
+from tests.inprocess import signing_keys
 
 FEDRAD = [sys.executable, "-m", "fedrad.cli"]
-BASE = {"image-size": 32, "num-rounds": 2, "min-sites": 3, "min-train-sites": 3,
-        "local-epochs": 2, "batch-size": 4, "learning-rate": 0.01, "dp-enabled": False,
-        "secagg-enabled": False, "augment": False}
-TASKS = {"seg": {"task": "lung-seg", "model": "unet"},
-         "cls": {"task": "cxr-classify", "model": "densenet121", "labels": "label_nodule",
-                 "num-rounds": 1}}
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, phantom_sites):
-    """One federated model per task, trained in process and exported by the CLI."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    tmp = tmp_path_factory.mktemp("evaluate")
-    consortium = tmp / "consortium"
-    consortium.mkdir()
-    private, public = signing_keys(consortium)
-    out = {}
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        for run_id, (name, settings) in enumerate(TASKS.items(), start=1):
-            config = {**BASE, **settings}
-            sites = {n: real_site(n, f"site-{n}", phantom_sites[h], tmp / name / f"s{n}",
-                                  public, config, run_id, policy=BASELINE_POLICY)
-                     for n, h in {1: "hospital-a", 2: "hospital-b", 3: "hospital-c"}.items()}
-            run_server(InProcessGrid(sites), config, consortium / "server", private,
-                       monkeypatch, run_id=run_id)
-            folder = tmp / f"export-{name}"
-            result = subprocess.run([*FEDRAD, "models", "export", str(run_id), "--out",
-                                     str(folder), "--consortium", str(consortium)],
-                                    capture_output=True, text=True, check=False,
-                                    env=proc.child_env({}))
-            assert result.returncode == 0, result.stdout + result.stderr
-            out[name] = folder
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-    return {"folders": out, "public": public, "tmp": tmp}
-
-
 def _evaluate(*args: str) -> subprocess.CompletedProcess[str]:
     # One thread on both sides: an undertrained model's scores differ by ~1e-6, and the
     # same kernels on the same threads give the same floats (so the same ranks).
@@ -242,6 +205,14 @@ def test_predict_classification_results_carry_uids_not_phi(exported, cxr_root,
             p = float(torch.sigmoid(model(torch.from_numpy(_model_input(path)[None, None]))))
         assert entry["labels"]["label_nodule"]["probability"] == pytest.approx(p, abs=1e-5)
         assert entry["labels"]["label_nodule"]["positive"] == (p > 0.5)
+        sr = pydicom.dcmread(out / entry["sr_file"])  # the findings as DICOM SR (TID 1500)
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+        assert str(sr.SOPInstanceUID) == entry["sr_sop_instance_uid"]
+        assert read_probabilities(sr) == {"label_nodule": pytest.approx(p, abs=1e-5)}
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+        assert (evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+                .ReferencedSOPInstanceUID == entry["sop_instance_uid"])
+        assert (sr.VerificationFlag, sr.CompletionFlag) == ("UNVERIFIED", "COMPLETE")
         png = (out / entry["overlay"]).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     refused = subprocess.run([*FEDRAD, "predict", str(exported["folders"]["cls"]), str(study),
