@@ -10,6 +10,7 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 
 from client.header import fast_pixels, first_number, text, uint16
+from client.intensity import to_unit_range
 from client.limits import (
     LimitExceeded,
     check_pixel_values,
@@ -141,29 +142,15 @@ def projection_pixels(ds: pydicom.Dataset, *, voi_window: bool = False) -> np.nd
     except (ValueError, TypeError) as exc:
         raise PixelError("RescaleSlope/RescaleIntercept/PixelRepresentation cannot be read") \
             from exc
-    slope = 1.0 if slope is None else slope
-    intercept = 0.0 if intercept is None else intercept
-    if "ModalityLUTSequence" in ds:
-        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    else:  # the linear Modality LUT of PS3.3 C.11.1
-        values = stored.astype(np.float32)
-        if slope != 1.0 or intercept != 0.0:
-            values = values * np.float32(slope) + np.float32(intercept)
-    if signed:
-        low_stored, high_stored = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
-    else:
-        low_stored, high_stored = 0, 2**bits_stored - 1
-    low, high = sorted((low_stored * slope + intercept, high_stored * slope + intercept))
     center = first_number(ds, 0x00281050) if voi_window else None
     width = first_number(ds, 0x00281051) if voi_window else None
-    if center is not None and width is not None:
-        if width < 1:
-            raise PixelError(f"WindowWidth must be >= 1, got {width}")
-        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
-    out = (values - np.float32(low)) * np.float32(1.0 / (high - low))
-    if photometric == "MONOCHROME1":
-        out = 1.0 - out
-    return np.clip(out, 0.0, 1.0, out=out)
+    if center is not None and width is not None and width < 1:
+        raise PixelError(f"WindowWidth must be >= 1, got {width}")
+    lut = ds if "ModalityLUTSequence" in ds else None
+    return to_unit_range(stored, bits_stored=bits_stored, photometric=photometric,
+                         slope=slope, intercept=intercept, signed=signed,
+                         window=(center, width) if center is not None and width is not None
+                         else None, modality_lut=lut)
 
 
 def seg_pixels(ds: pydicom.Dataset) -> np.ndarray:

@@ -213,24 +213,42 @@ def models_show(name: Annotated[str, typer.Argument(help="RUN, RUN:ROUND or RUN:
 @models_app.command("export")
 def models_export(
     name: Annotated[str, typer.Argument(help="RUN, RUN:ROUND or RUN:best")],
-    out: Annotated[Path, typer.Option(help="New folder for model.pt, model.json, model.sig")],
+    out: Annotated[Path, typer.Option(help="New folder for the export")],
     consortium: Consortium = Path("consortium"),
     state_dir: StateDir = None,
     signing_key: Annotated[Path | None, typer.Option(
         help="The consortium's model-signing key (default <consortium>/signing.key)")] = None,
+    export_format: Annotated[str, typer.Option(
+        "--format", help="fedrad (model.pt, model.json, model.sig) or monai-bundle "
+        "(configs/, models/model.pt + model.ts, scripts/; signed manifest)")] = "fedrad",
+    clinical_use: Annotated[bool, typer.Option(
+        help="monai-bundle: do not mark the bundle not_for_clinical_use (the consortium "
+        "has validated it clinically)")] = False,
+    as_json: AsJson = False,
 ) -> None:
-    """A plain PyTorch state dict plus its description, signed by the consortium."""
+    """A global model, signed by the consortium: fedrad's own format or a MONAI bundle."""
     from common.model_signing import load_signing_key
     from fedrad.model_registry import export
+    from fedrad.monai_bundle import export_bundle
 
     what = f"model {name} not exported"
     errors: tuple[type[Exception], ...] = (*_errors(), OSError)
+    if export_format not in ("fedrad", "monai-bundle"):
+        raise typer.BadParameter(f"expected fedrad or monai-bundle, got {export_format!r}",
+                                 param_hint="--format")
     try:
         key = load_signing_key(signing_key or consortium / "signing.key")
-        folder = export(_home(consortium, state_dir).root, name, out, key)
+        home = _home(consortium, state_dir).root
+        folder = (export(home, name, out, key) if export_format == "fedrad" else
+                  export_bundle(home, name, out, key, clinical_use=clinical_use))
     except errors as exc:
         raise _fail(what, exc) from exc
-    typer.echo(f"model {name} exported to {folder} (model.pt, model.json, model.sig)")
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    if as_json:
+        typer.echo(json.dumps({"model": name, "format": export_format, "folder": str(folder),
+                               "files": files}))
+        return
+    typer.echo(f"model {name} exported to {folder} ({', '.join(files)})")
 
 
 def evaluate_command(
