@@ -79,6 +79,40 @@ def run_launch(
         raise typer.Exit(1)
 
 
+@run_app.command("track")
+def run_track(
+    run_id: Annotated[str, typer.Argument(help="The run id")],
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default: file store ./mlruns)")] = None,
+    consortium: Consortium = Path("consortium"),
+    state_dir: StateDir = None,
+    signing_key: Annotated[Path | None, typer.Option(
+        help="Signs the best-round model logged as an artifact (default "
+        "<consortium>/signing.key; without one no model is logged)")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Log a run to MLflow: config as parameters, pooled metrics per round, one child run
+    per site, ε per site, the best model; again later, only new rounds are logged."""
+    from common.model_signing import load_signing_key
+    from fedrad.mlflow_tracking import TrackingError, track_run
+
+    uri = tracking_uri or (Path.cwd() / "mlruns").as_uri()
+    key_path = signing_key or consortium / "signing.key"
+    errors: tuple[type[Exception], ...] = (*_errors(), TrackingError, LookupError, OSError)
+    try:
+        key = load_signing_key(key_path) if key_path.is_file() else None
+        logged = track_run(_home(consortium, state_dir).root, run_id, uri, key)
+    except errors as exc:
+        raise _fail(f"run {run_id} not tracked", exc) from exc
+    if as_json:
+        typer.echo(json.dumps(logged))
+        return
+    typer.echo(f"run {run_id} → MLflow run {logged['mlflow_run_id']} at {uri}: rounds "
+               f"{logged['rounds_logged'] or 'none new'}, sites {logged['sites'] or '-'}"
+               + (f", best model (round {logged['best_model_round']})"
+                  if logged["best_model_round"] is not None else ""))
+
+
 @run_app.command("list")
 def run_list(consortium: Consortium = Path("consortium"), state_dir: StateDir = None,
              as_json: AsJson = False) -> None:
