@@ -292,7 +292,7 @@ def demo(
 
     from fedrad.demo import CONFIGS, DemoFailed, run_demo
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths printed whole, never wrapped
     if data is not None and not data.is_dir():
         raise typer.BadParameter(f"{data} is not a folder", param_hint="--data")
     config_file = config or CONFIGS / ("cxr-lung-seg.toml" if data else "demo.toml")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +19,21 @@ CaBundle = Annotated[Path | None, typer.Option(
 StudyFilter = Annotated[list[str] | None, typer.Option(
     "--study-filter", help="QIDO-RS study filter KEYWORD=VALUE, e.g. ModalitiesInStudy=CR "
     "(repeatable)")]
+
+
+@contextmanager
+def progress_bar(what: str, *, silent: bool) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr, fed `(done, total)`; nothing under --json."""
+    if silent:
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(f"[bold]{what}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def pull_command(
@@ -35,8 +52,10 @@ def pull_command(
 
     try:
         connection = PacsConnection(dicomweb, credentials, ca_bundle)
-        summary = pull(connection, data, filters=parse_filters(study_filter or []),
-                       labels=labels, say=lambda line: typer.echo(line, err=as_json))
+        with progress_bar("pulling", silent=as_json) as advance:
+            summary = pull(connection, data, filters=parse_filters(study_filter or []),
+                           labels=labels, say=lambda line: typer.echo(line, err=as_json),
+                           progress=advance)
     except PacsError as exc:
         typer.echo(f"site pull stopped: {exc} (instances already pulled are kept)", err=True)
         raise typer.Exit(1) from exc

@@ -108,16 +108,13 @@ def _retrieve(client: Any, study: str, series: str, sop: str) -> pydicom.Dataset
     return dataset
 
 
-def pull(connection: PacsConnection, dest: Path, *, filters: dict[str, str] | None = None,
-         labels: Path | None = None, say: Callable[[str], None] = lambda _: None
-         ) -> PullSummary:
-    """Bring `dest` up to date with the studies the PACS returns for `filters`."""
-    client = open_client(connection)
-    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
-    summary = PullSummary(dest)
+def _to_fetch(connection: PacsConnection, client: Any, dest: Path, filters: dict[str, str],
+              summary: PullSummary) -> list[tuple[str, str, str, Path]]:
+    """(study, series, sop, path) of every instance not yet in `dest` (QIDO-RS only)."""
+    todo = []
     studies = call(connection, "searching for studies (QIDO-RS)",
                    lambda: _search(client.search_for_studies, "0020000D",
-                                   search_filters=filters or {}))
+                                   search_filters=filters))
     for study_attributes in studies:
         study = _value(study_attributes, "0020000D")
         if not UID.match(study) or len(study) > 64:
@@ -136,14 +133,30 @@ def pull(connection: PacsConnection, dest: Path, *, filters: dict[str, str] | No
             path = dest / study / series / f"{sop}.dcm"
             if path.exists():
                 summary.already += 1
-                continue
-            got = call(connection, f"retrieving instance {sop} (WADO-RS)",
-                       partial(_retrieve, client, study, series, sop))
-            if isinstance(got, str):
-                summary.failed.append({"instance": sop, "reason": got})
-                continue
+            else:
+                todo.append((study, series, sop, path))
+    return todo
+
+
+def pull(connection: PacsConnection, dest: Path, *, filters: dict[str, str] | None = None,
+         labels: Path | None = None, say: Callable[[str], None] = lambda _: None,
+         progress: Callable[[int, int], None] = lambda done, total: None) -> PullSummary:
+    """Bring `dest` up to date with the studies the PACS returns for `filters`;
+    `progress(done, total)` after each instance retrieved."""
+    client = open_client(connection)
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    summary = PullSummary(dest)
+    todo = _to_fetch(connection, client, dest, filters or {}, summary)
+    progress(0, len(todo))
+    for done, (study, series, sop, path) in enumerate(todo, start=1):
+        got = call(connection, f"retrieving instance {sop} (WADO-RS)",
+                   partial(_retrieve, client, study, series, sop))
+        if isinstance(got, str):
+            summary.failed.append({"instance": sop, "reason": got})
+        else:
             _write_atomic(path, partial(got.save_as, enforce_file_format=True))
             summary.new += 1
+        progress(done, len(todo))
     if labels is not None:
         if not labels.is_file():
             raise PacsError(f"--labels {labels}: no such file")

@@ -222,6 +222,7 @@ def test_cli_pull_json_has_no_phi(pacs: Pacs, cxr_root: Path, tmp_path: Path) ->
     assert summary["new"] == len(_instances(cxr_root / "literature_other"))
     assert "ZZCANARY" not in done.stdout + done.stderr
     assert "CANARY-" not in done.stdout + done.stderr
+    assert "pulling" not in done.stderr  # no progress bar under --json
     (tmp_path / "out.txt").write_text(done.stdout + done.stderr)
     assert find_canaries([tmp_path / "out.txt"]) == []
     assert summary["studies"] > 0
