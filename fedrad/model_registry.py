@@ -173,20 +173,32 @@ def export(home: Path, name: str, out: Path, signing_key: Ed25519PrivateKey) -> 
     return out
 
 
+def signed_text(folder: Path, document: str, signature: str, verify_key: Ed25519PublicKey,
+                what: str) -> str:
+    """`folder/document`'s text, once `folder/signature` (the consortium's Ed25519 signature
+    over it, urlsafe base64) verifies; else an error that says not to use `what`."""
+    try:
+        text = (folder / document).read_text()
+        signed = base64.urlsafe_b64decode((folder / signature).read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ModelRegistryError(f"{folder}: not a signed fedrad {what} ({document}, "
+                                 f"{signature}): {exc}") from exc
+    try:
+        verify_key.verify(signed, text.encode())
+    except InvalidSignature as exc:
+        raise ModelRegistryError(f"{folder}/{signature}: the signature does not verify with "
+                                 f"the consortium key; do not use this {what}") from exc
+    return text
+
+
 def verify_export(folder: Path, verify_key: Ed25519PublicKey) -> dict[str, Any]:
     """model.json, once its signature and model.pt's hash check out; else an error."""
+    text = signed_text(folder, "model.json", "model.sig", verify_key, "model")
     try:
-        text = (folder / "model.json").read_text()
-        signature = base64.urlsafe_b64decode((folder / "model.sig").read_text().strip())
         data = (folder / "model.pt").read_bytes()
-    except (OSError, ValueError) as exc:
-        raise ModelRegistryError(f"{folder}: not a fedrad model export (model.json, "
-                                 f"model.sig, model.pt): {exc}") from exc
-    try:
-        verify_key.verify(signature, text.encode())
-    except InvalidSignature as exc:
-        raise ModelRegistryError(f"{folder}/model.sig: the signature does not verify with "
-                                 "the consortium key; do not use this model") from exc
+    except OSError as exc:
+        raise ModelRegistryError(f"{folder}: not a fedrad model export (model.pt): {exc}"
+                                 ) from exc
     description: dict[str, Any] = json.loads(text)
     if hashlib.sha256(data).hexdigest() != description["state_dict_sha256"]:
         raise ModelRegistryError(f"{folder}/model.pt differs from the sha256 its signed "

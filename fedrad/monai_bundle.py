@@ -34,7 +34,6 @@ import monai
 import numpy as np
 import pydicom
 import torch
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -43,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 import client.intensity
 from common.config import RunConfig, Task
 from common.models import build_model
-from fedrad.model_registry import ModelRegistryError, describe, resolve
+from fedrad.model_registry import ModelRegistryError, describe, resolve, signed_text
 
 MANIFEST, SIGNATURE = "configs/manifest.json", "configs/manifest.sig"
 TRANSFORM = '''"""MONAI transform: a DICOM projection image (CR/DX) as fedrad's sites feed it."""
@@ -202,16 +201,7 @@ def export_bundle(home: Path, name: str, out: Path, signing_key: Ed25519PrivateK
 
 def verify_bundle(folder: Path, verify_key: Ed25519PublicKey) -> dict[str, Any]:
     """The bundle's metadata, once its signature and every file's sha256 check out."""
-    try:
-        text = (folder / MANIFEST).read_text()
-        signature = base64.urlsafe_b64decode((folder / SIGNATURE).read_text().strip())
-    except (OSError, ValueError) as exc:
-        raise ModelRegistryError(f"{folder}: not a signed fedrad bundle ({exc})") from exc
-    try:
-        verify_key.verify(signature, text.encode())
-    except InvalidSignature as exc:
-        raise ModelRegistryError(f"{folder}/{SIGNATURE}: the signature does not verify with "
-                                 "the consortium key; do not use this bundle") from exc
+    text = signed_text(folder, MANIFEST, SIGNATURE, verify_key, "bundle")
     listed: dict[str, str] = json.loads(text)
     present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
                and "__pycache__" not in p.parts} - {MANIFEST, SIGNATURE}

@@ -53,6 +53,16 @@ def _predict(model: Path, pacs: Pacs, study: str, out: Path, key: Path | None,
                           env=proc.child_env({}), timeout=300)
 
 
+def _predicted(exported, kind: str, pacs: Pacs, cxr_root: Path, tmp_path: Path
+               ) -> tuple[str, list[str], dict, subprocess.CompletedProcess[str]]:
+    """predict --dicomweb on the biggest radiopaedia study: (study, images, results, run)."""
+    study, images = _study_with_images(cxr_root)
+    done = _predict(exported["folders"][kind], pacs, study, tmp_path / "out",
+                    exported["public"], "--json")
+    assert done.returncode == 0, done.stderr
+    return study, images, json.loads(done.stdout), done
+
+
 def _in_pacs(pacs: Pacs, study: str, modality: str) -> list[pydicom.Dataset]:
     client = open_client(PacsConnection(pacs.url, pacs.credentials, pacs.ca_bundle))
     found = client.search_for_instances(study_instance_uid=study,
@@ -63,11 +73,7 @@ def _in_pacs(pacs: Pacs, study: str, modality: str) -> list[pydicom.Dataset]:
 
 def test_segmentation_round_trip_through_the_pacs(exported, pacs: Pacs, cxr_root: Path,
                                                   tmp_path: Path) -> None:
-    study, images = _study_with_images(cxr_root)
-    done = _predict(exported["folders"]["seg"], pacs, study, tmp_path / "out",
-                    exported["public"], "--json")
-    assert done.returncode == 0, done.stderr
-    results = json.loads(done.stdout)
+    study, images, results, done = _predicted(exported, "seg", pacs, cxr_root, tmp_path)
     assert sorted(e["sop_instance_uid"] for e in results["images"]) == sorted(images)
     stored = results["stored"]["sop_instance_uids"]
     assert sorted(stored) == sorted(e["seg_sop_instance_uid"] for e in results["images"])
@@ -86,11 +92,7 @@ def test_segmentation_round_trip_through_the_pacs(exported, pacs: Pacs, cxr_root
 
 def test_classification_sr_round_trip_through_the_pacs(exported, pacs: Pacs, cxr_root: Path,
                                                        tmp_path: Path) -> None:
-    study, images = _study_with_images(cxr_root)
-    done = _predict(exported["folders"]["cls"], pacs, study, tmp_path / "out",
-                    exported["public"], "--json")
-    assert done.returncode == 0, done.stderr
-    results = json.loads(done.stdout)
+    study, images, results, _ = _predicted(exported, "cls", pacs, cxr_root, tmp_path)
     reports = {str(r.SOPInstanceUID): r for r in _in_pacs(pacs, study, "SR")}
     for entry in results["images"]:
         back = reports[entry["sr_sop_instance_uid"]]
