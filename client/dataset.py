@@ -28,7 +28,7 @@ from client.cache import (
     settings_tag,
 )
 from client.dicom_scan import Skipped, walk_files
-from client.ingest import Ingested, ingest
+from client.ingest import Ingested, Progress, ingest
 from client.labels import LabelsError, image_key, load_labels
 from client.pixels import PixelError, check_geometry
 from common.config import Task
@@ -160,7 +160,7 @@ def _assemble(shard_folder: Path, meta: dict) -> SiteDataset | None:
 
 
 def load_site_dataset(root: Path, work_dir: Path, spec: DataSpec, *,
-                      workers: int = 1) -> SiteDataset:
+                      workers: int = 1, progress: Progress | None = None) -> SiteDataset:
     """The task's dataset from the cache, or scanned, decoded and assembled now.
 
     Files not in the cache are read by `workers` processes (node config
@@ -194,7 +194,8 @@ def load_site_dataset(root: Path, work_dir: Path, spec: DataSpec, *,
             LOG.info("dataset: %d images from cache", len(cached.groups))
             return cached
     found = ingest(root, entries, index, ShardStore(cache_dir, shard_settings),
-                   spec.image_size, spec.voi_window, workers)
+                   spec.image_size, spec.voi_window, workers,
+                   progress or (lambda done, total: None))
     found.scan.skipped.extend(walked)
     meta = _meta(found, spec, labels_path)
     key = dataset_key(settings, [(e, found.digests[e.path]) for e in entries])

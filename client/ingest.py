@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from client.pixels import (
     seg_pixels,
 )
 
+Progress = Callable[[int, int], None]  # (files done, files to do)
 PARALLEL_MIN_FILES_PER_WORKER = 16  # below this, a worker costs more than it saves
 
 
@@ -96,25 +98,35 @@ def _read_batch(paths: list[Path], image_size: int, voi_window: bool
 
 
 def _read_all(paths: list[Path], image_size: int, voi_window: bool, workers: int,
-              known: frozenset[str]) -> list[tuple[str, Shard | None]]:
-    """`_read_file` over many files, in `workers` forked processes when that pays."""
+              known: frozenset[str], progress: Progress) -> list[tuple[str, Shard | None]]:
+    """`_read_file` over many files, in `workers` forked processes when that pays;
+    `progress(done, total)` as files are decoded."""
     workers = min(workers, len(paths) // PARALLEL_MIN_FILES_PER_WORKER)
+    progress(0, len(paths))
     if workers < 2 or "fork" not in mp.get_all_start_methods():
         _init_worker(known)
-        return _read_batch(paths, image_size, voi_window)
+        read = []
+        for done, path in enumerate(paths, start=1):
+            read.append(_read_file(path, image_size, voi_window))
+            progress(done, len(paths))
+        return read
     chunk = max(1, min(64, len(paths) // (workers * 4)))
     batches = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     # fork: workers inherit the imported decoders at no cost; they run only pydicom and
     # numpy code (no torch, no BLAS: see resize_area), so forking is safe here.
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
                              initializer=_init_worker, initargs=(known,)) as pool:
-        done = pool.map(_read_batch, batches, [image_size] * len(batches),
-                        [voi_window] * len(batches))
-        return [item for batch in done for item in batch]
+        out: list[tuple[str, Shard | None]] = []
+        for batch in pool.map(_read_batch, batches, [image_size] * len(batches),
+                              [voi_window] * len(batches)):
+            out.extend(batch)
+            progress(len(out), len(paths))
+        return out
 
 
 def ingest(root: Path, entries: list[FileEntry], index: ContentIndex, store: ShardStore,
-           image_size: int, voi_window: bool, workers: int) -> Ingested:
+           image_size: int, voi_window: bool, workers: int,
+           progress: Progress = lambda done, total: None) -> Ingested:
     """Every file's shard, from the cache where its content is known, decoded otherwise."""
     digests: dict[Path, str | None] = {e.path: index.known(e) for e in entries}
     shards: dict[Path, Shard] = {}
@@ -126,7 +138,7 @@ def ingest(root: Path, entries: list[FileEntry], index: ContentIndex, store: Sha
     unread = [entry for entry in entries if entry.path not in shards]
     new: dict[str, Shard] = {}
     done = _read_all([entry.path for entry in unread], image_size, voi_window, workers,
-                     store.digests())
+                     store.digests(), progress)
     for entry, (digest, fresh) in zip(unread, done, strict=True):
         index.record(entry, digest)
         digests[entry.path] = digest

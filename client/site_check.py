@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,19 @@ LABELS_FILE = "labels.csv"
 
 
 def check_site(data: Path, labels_file: Path | None = None,
-               labels_key: str = "sop_instance_uid") -> dict[str, Any]:
-    """Scan and decode every image once; count what is usable and list what is not."""
+               labels_key: str = "sop_instance_uid",
+               progress: Callable[[int], None] = lambda done: None) -> dict[str, Any]:
+    """Scan and decode every image once; count what is usable and list what is not;
+    `progress(n)` after each of the n image or mask files decoded so far."""
     decoded: dict[str, tuple[int, int]] = {}  # image UID -> (rows, cols)
     seg_shapes: dict[Path, tuple[int, int]] = {}
     errors: dict[Path, str] = {}
+    visited: list[Path] = []
 
     def visit(kind: str, ref: ImageRef | SegRef, ds: pydicom.Dataset | None) -> None:
         """Decode each file in the scan's own read (one read per file)."""
+        visited.append(ref.path)
+        progress(len(visited))
         try:
             if isinstance(ref, SegRef):
                 mask = nifti_mask(ref.path) if ds is None else seg_pixels(ds)

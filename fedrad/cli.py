@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from fedrad.cli_pacs import CaBundle, Credentials, StudyFilter, pull_command
+from fedrad.cli_output import AsJson, Output
+from fedrad.cli_pacs import CaBundle, Credentials, StudyFilter, progress_bar, pull_command
 from fedrad.cli_pretrain import pretrain_command
 from fedrad.cli_runs import (
     evaluate_command,
@@ -45,6 +46,7 @@ def consortium_init(
         help="SuperLink host name or IP for its certificate (repeatable; the first is the "
         "address in every kit)")] = None,
     port: Annotated[int, typer.Option(help="SuperLink port the sites connect to")] = 9092,
+    as_json: AsJson = False,
 ) -> None:
     """A CA, the SuperLink's TLS certificate and the signing key (Ed25519)."""
     from common.pki import ProvisioningError
@@ -54,8 +56,10 @@ def consortium_init(
         init_consortium(folder, name, host or ["127.0.0.1", "localhost"], port)
     except ProvisioningError as exc:
         raise typer.BadParameter(str(exc), param_hint="--folder") from exc
-    typer.echo(f"consortium {name!r} in {folder}: ca.crt, server.pem/.key, signing.key/.pub "
-               "(models, for the server), code-signing.key/.pub (apps; keep it offline)")
+    Output(as_json).result(
+        {"consortium": name, "folder": str(folder.resolve())},
+        f"consortium {name!r} in {folder}: ca.crt, server.pem/.key, signing.key/.pub "
+        "(models, for the server), code-signing.key/.pub (apps; keep it offline)")
 
 
 @consortium_app.command("add-site")
@@ -65,6 +69,7 @@ def consortium_add_site(
     passphrase_file: Annotated[Path | None, typer.Option(
         help="Seal the kit with the passphrase in this file (first line, 12+ characters): "
         "kits/<site>.kit instead of kits/<site>.tar.gz")] = None,
+    as_json: AsJson = False,
 ) -> None:
     """The site's node key pair and its startup kit (mode 0600)."""
     from common.pki import ProvisioningError
@@ -81,7 +86,8 @@ def consortium_add_site(
         kit = startup_kit(consortium, site, passphrase)
     except ProvisioningError as exc:
         raise typer.BadParameter(str(exc), param_hint="SITE") from exc
-    typer.echo(f"startup kit for {site}: {kit}")
+    Output(as_json).result({"site": site, "kit": str(kit.resolve())},
+                           f"startup kit for {site}: {kit}")
 
 
 @consortium_app.command("reissue-kit")
@@ -91,6 +97,7 @@ def consortium_reissue_kit(
     passphrase_file: Annotated[Path | None, typer.Option(
         help="Seal the kit with the passphrase in this file (first line, 12+ characters)")]
     = None,
+    as_json: AsJson = False,
 ) -> None:
     """A new startup kit for a provisioned site, same node key (the pins of the apps
     signed since, a site certificate for a kit made before there were any); the old kit
@@ -108,13 +115,15 @@ def consortium_reissue_kit(
         kit = startup_kit(consortium, site, passphrase, reissue=True)
     except ProvisioningError as exc:
         raise typer.BadParameter(str(exc), param_hint="SITE") from exc
-    typer.echo(f"new startup kit for {site}: {kit}")
+    Output(as_json).result({"site": site, "kit": str(kit.resolve()), "reissued": True},
+                           f"new startup kit for {site}: {kit}")
 
 
 @consortium_app.command("export-server")
 def consortium_export_server(
     out: Annotated[Path, typer.Option(help="New folder for the server's copy")],
     folder: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+    as_json: AsJson = False,
 ) -> None:
     """What the server host needs, without the CA's private key or any site's private key:
     certificates, the server's TLS key, the signing key, sites' public keys, signed apps."""
@@ -125,7 +134,9 @@ def consortium_export_server(
         copied = export_server(load_consortium(folder), out)
     except ProvisioningError as exc:
         raise typer.BadParameter(str(exc), param_hint="--out") from exc
-    typer.echo(f"server copy in {out}: {len(copied)} files (no ca.key, no site private keys)")
+    Output(as_json).result({"folder": str(out.resolve()), "files": len(copied)},
+                           f"server copy in {out}: {len(copied)} files (no ca.key, no site "
+                           "private keys)")
 
 
 @consortium_app.command("sign-app")
@@ -133,6 +144,7 @@ def consortium_sign_app(
     folder: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
     app_dir: Annotated[Path | None, typer.Option(
         "--app", help="The Flower app to sign (default: the installed fedrad app)")] = None,
+    as_json: AsJson = False,
 ) -> None:
     """Build the ClientApp/ServerApp bundle (FAB) and sign it with the consortium's key.
 
@@ -148,14 +160,16 @@ def consortium_sign_app(
         signed = sign_app(load_consortium(folder).folder, app_dir or APP_DIR)
     except ProvisioningError as exc:
         raise typer.BadParameter(str(exc), param_hint="--folder/--app") from exc
-    typer.echo(f"signed {signed.spec()} (sha256 {signed.sha256}); submit runs with "
-               f"`flwr run {signed.spec()}`")
+    Output(as_json).result({"app": signed.spec(), "sha256": signed.sha256},
+                           f"signed {signed.spec()} (sha256 {signed.sha256}); submit runs "
+                           f"with `flwr run {signed.spec()}`")
 
 
 @consortium_app.command("remove-site")
 def consortium_remove_site(
     site: Annotated[str, typer.Argument(help="Site to revoke")],
     folder: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
+    as_json: AsJson = False,
 ) -> None:
     """Revoke a site's key (then `flwr supernode unregister` it on a running SuperLink)."""
     from common.pki import ProvisioningError
@@ -165,7 +179,8 @@ def consortium_remove_site(
         listing = remove_site(load_consortium(folder), site)
     except ProvisioningError as exc:
         raise typer.BadParameter(str(exc), param_hint="SITE") from exc
-    typer.echo(f"{site} revoked; see {listing}")
+    Output(as_json).result({"site": site, "revoked": True, "listing": str(listing)},
+                           f"{site} revoked; see {listing}")
 
 
 server_app = typer.Typer(help="The consortium's server side.", no_args_is_help=True)
@@ -227,6 +242,7 @@ def server_sync_sites(
     consortium: Annotated[Path, typer.Option(help="The consortium folder")] = Path("consortium"),
     state_dir: Annotated[Path | None, typer.Option(
         help="The server's --state-dir, if it was given one")] = None,
+    as_json: AsJson = False,
 ) -> None:
     """On a running server: register new sites' keys, unregister revoked ones."""
     from fedrad.consortium import load_consortium
@@ -244,8 +260,9 @@ def server_sync_sites(
     except DeploymentError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc
-    for site, record in sorted(nodes.items()):
-        typer.echo(f"{site}: node {record['node_id']} {record['status']}")
+    Output(as_json).result({"sites": nodes}, "\n".join(
+        f"{site}: node {record['node_id']} {record['status']}"
+        for site, record in sorted(nodes.items())))
 
 
 audit_app = typer.Typer(help="Audit logs (hash-chained, append-only).", no_args_is_help=True)
@@ -255,6 +272,7 @@ app.add_typer(audit_app, name="audit")
 @audit_app.command("verify")
 def audit_verify(
     path: Annotated[Path, typer.Argument(help="An audit log (audit.jsonl)")],
+    as_json: AsJson = False,
 ) -> None:
     """Check every entry's hash and link; exit 1 naming the first altered line."""
     from common.audit import AuditError, verify
@@ -262,9 +280,13 @@ def audit_verify(
     try:
         head = verify(path)
     except AuditError as exc:
-        typer.echo(f"audit log altered: {exc}")
+        Output(as_json).result({"file": str(path), "intact": False, "error": str(exc)},
+                               f"audit log altered: {exc}")
         raise typer.Exit(1) from exc
-    typer.echo(f"{path}: {head.entries} entries, chain intact, last hash {head.last_hash}")
+    Output(as_json).result({"file": str(path), "entries": head.entries, "intact": True,
+                            "last_hash": head.last_hash},
+                           f"{path}: {head.entries} entries, chain intact, last hash "
+                           f"{head.last_hash}")
 
 
 @app.command()
@@ -468,10 +490,14 @@ def site_check(
             raise typer.Exit(1) from exc
     if not data.is_dir():
         raise typer.BadParameter(f"{data} is not a folder", param_hint="--data")
+    from client.dicom_scan import walk_files
     from client.labels import LabelsError
 
+    total = len(walk_files(data, []))
     try:
-        summary = check_site(data, labels, labels_key)
+        with progress_bar("checking", silent=as_json) as advance:
+            summary = check_site(data, labels, labels_key,
+                                 progress=lambda done: advance(done, total))
     except LabelsError as exc:
         raise typer.BadParameter(str(exc), param_hint="--labels/--labels-key") from exc
     if as_json:

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from fedrad.cli_pacs import CaBundle, Credentials
+from fedrad.cli_output import AsJson, Output
+from fedrad.cli_pacs import CaBundle, Credentials, progress_bar
 
 run_app = typer.Typer(help="Launch and watch runs on the consortium's SuperLink.",
                       no_args_is_help=True)
@@ -19,7 +20,6 @@ Consortium = Annotated[Path, typer.Option(help="The consortium folder")]
 StateDir = Annotated[Path | None, typer.Option(
     help="The server's --state-dir, if it was given one (default <consortium>/server)")]
 RunId = Annotated[str, typer.Argument(help="The run id `fedrad run launch` printed")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object")]
 VerifyKey = Annotated[Path | None, typer.Option(
     help="The consortium's signing.pub (the kit's); required for an exported folder")]
 RegistryConsortium = Annotated[Path | None, typer.Option(
@@ -55,6 +55,7 @@ def run_launch(
     consortium: Consortium = Path("consortium"),
     state_dir: StateDir = None,
     detach: Annotated[bool, typer.Option(help="Print the run id and return")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Check the config against the schema, submit it, and show progress by round."""
     from fedrad.cli import _parse_sets
@@ -67,14 +68,18 @@ def run_launch(
         submitted = submit(home, values)
     except errors as exc:
         raise _fail(what, exc) from exc
-    typer.echo(f"run {submitted.run_id} submitted ({config.name}, {submitted.total_rounds} "
-               f"rounds, strategy {values.get('strategy', 'fedavg')}); folder "
-               f"{submitted.run_dir}")
+    out = Output(as_json)
+    launched = {"run_id": str(submitted.run_id), "folder": str(submitted.run_dir),
+                "rounds": submitted.total_rounds}
+    line = (f"run {submitted.run_id} submitted ({config.name}, {submitted.total_rounds} "
+            f"rounds, strategy {values.get('strategy', 'fedavg')}); folder {submitted.run_dir}")
     if detach:
+        out.result({**launched, "status": "submitted"}, line)
         return
+    out.say(line)
     timeout = float(values.get("round-timeout", 900.0)) * (submitted.total_rounds + 1)
-    status = follow(home, submitted, typer.echo, timeout=timeout)
-    typer.echo(f"run {submitted.run_id}: {status}")
+    status = follow(home, submitted, out.say, timeout=timeout)
+    out.result({**launched, "status": status}, f"run {submitted.run_id}: {status}")
     if status != "finished:completed":
         raise typer.Exit(1)
 
@@ -173,7 +178,7 @@ def run_logs(run_id: RunId, consortium: Consortium = Path("consortium"),
 
 @run_app.command("stop")
 def run_stop(run_id: RunId, consortium: Consortium = Path("consortium"),
-             state_dir: StateDir = None) -> None:
+             state_dir: StateDir = None, as_json: AsJson = False) -> None:
     """Stop a run; its checkpoints stay, and `fedrad run resume` can continue it."""
     from fedrad.runs import stop
 
@@ -182,14 +187,15 @@ def run_stop(run_id: RunId, consortium: Consortium = Path("consortium"),
         stop(_home(consortium, state_dir), run_id)
     except errors as exc:
         raise _fail(what, exc) from exc
-    typer.echo(f"run {run_id}: stop requested")
+    Output(as_json).result({"run_id": run_id, "status": "stop-requested"},
+                           f"run {run_id}: stop requested")
 
 
 @run_app.command("resume")
 def run_resume(run_id: RunId, consortium: Consortium = Path("consortium"),
                state_dir: StateDir = None,
                detach: Annotated[bool, typer.Option(help="Return once submitted")] = False,
-               ) -> None:
+               as_json: AsJson = False) -> None:
     """Continue a stopped or crashed run after its last checkpointed round, with the
     same config and the strategy's saved state."""
     from fedrad.runs import follow, resume
@@ -200,11 +206,15 @@ def run_resume(run_id: RunId, consortium: Consortium = Path("consortium"),
         submitted = resume(home, run_id)
     except errors as exc:
         raise _fail(what, exc) from exc
-    typer.echo(f"run {submitted.run_dir.name} resumed as Flower run {submitted.run_id}")
+    out = Output(as_json)
+    resumed = {"run_id": submitted.run_dir.name, "flower_run_id": str(submitted.run_id)}
+    line = f"run {submitted.run_dir.name} resumed as Flower run {submitted.run_id}"
     if detach:
+        out.result({**resumed, "status": "submitted"}, line)
         return
-    status = follow(home, submitted, typer.echo, timeout=900.0 * submitted.total_rounds)
-    typer.echo(f"run {submitted.run_id}: {status}")
+    out.say(line)
+    status = follow(home, submitted, out.say, timeout=900.0 * submitted.total_rounds)
+    out.result({**resumed, "status": status}, f"run {submitted.run_id}: {status}")
     if status != "finished:completed":
         raise typer.Exit(1)
 
@@ -317,8 +327,9 @@ def evaluate_command(
                 if not folder.is_dir():
                     raise EvaluationError(f"--data {folder} is not a folder")
                 cache = (work_dir or Path(scratch)) / folder.resolve().name
-                sites[folder.resolve().name] = load_data(loaded.config, folder, cache,
-                                                         labels_file)
+                with progress_bar(f"reading {folder.name}", silent=as_json) as advance:
+                    sites[folder.resolve().name] = load_data(loaded.config, folder, cache,
+                                                             labels_file, advance)
             result = evaluate(loaded, sites)
     except errors as exc:
         raise _fail(f"model {model} not evaluated", exc) from exc

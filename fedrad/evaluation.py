@@ -29,6 +29,7 @@ from monai.metrics import (
 )
 
 from client.dataset import DataSpec, SiteDataset, load_site_dataset
+from client.ingest import Progress
 from common.config import RunConfig, Task
 from common.models import build_model
 
@@ -94,12 +95,12 @@ def load_model(source: str, *, server_home: Path | None, verify_key: Path | None
     return LoadedModel(name, config, module.eval(), finite, baseline)
 
 
-def load_data(config: RunConfig, data: Path, work_dir: Path, labels_file: Path | None
-              ) -> SiteDataset:
+def load_data(config: RunConfig, data: Path, work_dir: Path, labels_file: Path | None,
+              progress: Progress | None = None) -> SiteDataset:
     spec = DataSpec(task=config.task, image_size=config.image_size,
                     voi_window=config.voi_window, labels=config.labels,
                     labels_file=labels_file, foreground=config.foreground)
-    return load_site_dataset(data, work_dir, spec)
+    return load_site_dataset(data, work_dir, spec, progress=progress)
 
 
 @torch.no_grad()

@@ -117,10 +117,12 @@ def federation(tmp_path_factory, phantom_sites):
 
 def _launch(federation, *extra: str) -> tuple[str, Path]:
     sets = [x for pair in ([("--set", s) for s in [*SETS, *extra]]) for x in pair]
-    out = _fedrad("run", "launch", str(CONFIGS / "demo.toml"), *sets, "--detach",
+    out = _fedrad("run", "launch", str(CONFIGS / "demo.toml"), *sets, "--detach", "--json",
                   folder=federation["folder"])
     assert out.returncode == 0, out.stdout + out.stderr
-    run_id = out.stdout.split()[1]
+    launched = json.loads(out.stdout)  # one JSON object on stdout, nothing else
+    assert launched["status"] == "submitted" and Path(launched["folder"]).is_dir()
+    run_id = launched["run_id"]
     return run_id, federation["home"].root / "runs" / run_id
 
 
