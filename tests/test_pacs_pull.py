@@ -147,6 +147,20 @@ def test_wrong_password_is_a_clear_error_and_keeps_what_was_pulled(
     assert _files(tmp_path) == kept
 
 
+def test_bearer_token_through_a_gateway(pacs: Pacs, cxr_root: Path, tmp_path: Path) -> None:
+    from tests.pacs import TOKEN
+
+    token = pacs.credentials_file("token.toml", token=TOKEN)
+    summary = pull(_connection(pacs, url=pacs.token_url, credentials=token), tmp_path,
+                   filters=FILTER["literature_other"])
+    assert summary.new == len(_instances(cxr_root / "literature_other"))
+    wrong = pacs.credentials_file("wrong-token.toml", token="not-the-token")
+    with pytest.raises(PacsError, match=r"refused our credentials \(HTTP 401\)"):
+        pull(_connection(pacs, url=pacs.token_url, credentials=wrong), tmp_path / "again")
+    # the token is never on the command line or in an error
+    assert not list((tmp_path / "again").rglob("*.dcm"))
+
+
 def test_unreachable_pacs_names_the_url(tmp_path: Path, pacs: Pacs) -> None:
     import socket
 
@@ -226,3 +240,22 @@ def test_cli_pull_json_has_no_phi(pacs: Pacs, cxr_root: Path, tmp_path: Path) ->
     (tmp_path / "out.txt").write_text(done.stdout + done.stderr)
     assert find_canaries([tmp_path / "out.txt"]) == []
     assert summary["studies"] > 0
+
+
+def test_site_check_from_the_pacs_reports_like_the_folder_check(
+        pacs: Pacs, cxr_root: Path, tmp_path: Path) -> None:
+    def check(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "fedrad.cli", "site", "check", *args,
+                               "--json"], capture_output=True, text=True, cwd=REPO,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    site = cxr_root / "eurorad"
+    pulled = check("--dicomweb", pacs.url, "--data", str(tmp_path / "data"), "--credentials",
+                   str(pacs.credentials), "--ca-bundle", str(pacs.ca_bundle),
+                   "--study-filter", "ModalitiesInStudy=DX", "--labels",
+                   str(site / "labels.csv"))
+    folder = check("--data", str(site))
+    for key in ("images", "patients", "masks_matched", "labelled"):
+        assert pulled[key] == folder[key], key
