@@ -92,7 +92,12 @@ def startup_kit(consortium: Consortium, site: str, passphrase: str | None = None
                                         "aside and makes a new one)")
     info = consortium.info
     node_config = (f'site-id = "{site}"\ndata-dir = "/path/to/dicom-export"\n'
-                   'work-dir = "/var/lib/fedrad"\nepsilon-budget = 10.0\n')
+                   'work-dir = "/var/lib/fedrad"\nepsilon-budget = 10.0\n'
+                   '# To pull the cohort from the PACS into data-dir before each start:\n'
+                   '# dicomweb-url = "https://pacs.hospital/dicom-web"\n'
+                   '# dicomweb-credentials = "/etc/fedrad/pacs.toml"  # mode 600\n'
+                   '# dicomweb-ca-bundle = "/etc/fedrad/pacs-ca.pem"\n'
+                   '# dicomweb-study-filter = { ModalitiesInStudy = "CR" }\n')
     code_pub = consortium.folder / f"{pki.CODE_SIGNING}.pub"
     if not code_pub.is_file():
         raise pki.ProvisioningError(
