@@ -121,8 +121,9 @@ def _launch(federation, *extra: str) -> tuple[str, Path]:
                   folder=federation["folder"])
     assert out.returncode == 0, out.stdout + out.stderr
     launched = json.loads(out.stdout)  # one JSON object on stdout, nothing else
-    assert launched["status"] == "submitted" and Path(launched["folder"]).is_dir()
     run_id = launched["run_id"]
+    assert launched["status"] == "submitted"
+    assert launched["folder"] == str(federation["home"].root / "runs" / run_id)
     return run_id, federation["home"].root / "runs" / run_id
 
 
