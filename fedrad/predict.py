@@ -5,8 +5,9 @@ Segmentation → one DICOM SEG per image; classification → one DICOM SR (TID 1
 measurement report) per image with a probability and a call per label
 (fedrad.dicom_results). Both → results.json keyed by the study's UIDs (StudyInstanceUID,
 and each image's SeriesInstanceUID / SOPInstanceUID) and a Grad-CAM (classification) or
-mask (segmentation) overlay PNG per image. `push` stores the SEG/SR objects into the PACS
-the study came from (STOW-RS), all in one request once every file is written.
+mask (segmentation) overlay PNG per image. With --dicomweb, `fedrad predict` stores the
+objects `result_files` lists into the PACS the study came from (fedrad.pacs.store: one
+STOW-RS request, once every file is written).
 
 The model is used only once its consortium signature verifies (fedrad.evaluation's
 load_model). A file that is not a usable image is reported and skipped; results.json
